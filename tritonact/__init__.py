@@ -1,0 +1,12 @@
+"""tritonact: train CNNs with an exact forward pass and k-bit activations for the backward pass."""
+
+from tritonact.quant import PackedTensor, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # quantizer
+    "PackedTensor",
+    "quantize",
+    "dequantize",
+]
