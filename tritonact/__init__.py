@@ -1,10 +1,16 @@
 """tritonact: train CNNs with an exact forward pass and k-bit activations for the backward pass."""
 
+from tritonact.approx import ApproxReport, approximate
+from tritonact.config import ApproxConfig
 from tritonact.quant import PackedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # training
+    "approximate",
+    "ApproxConfig",
+    "ApproxReport",
     # quantizer
     "PackedTensor",
     "quantize",

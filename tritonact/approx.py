@@ -1,0 +1,203 @@
+"""``tritonact.approximate``: the context manager that turns a model's backward pass approximate."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tritonact.config import ApproxConfig
+from tritonact.quant import resolve_backend
+from tritonact.rewrite import Program, has_hooks, make_plan, trace
+
+__all__ = ["approximate", "ApproxReport"]
+
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@dataclass
+class ApproxReport:
+    """What ``approximate`` did to a model: fused units, code-consuming convs/pools, and what was left exact."""
+
+    bits: int
+    units: list = field(default_factory=list)  # UnitSpec
+    coded_convs: list = field(default_factory=list)  # names
+    coded_pools: list = field(default_factory=list)
+    exact: list = field(default_factory=list)  # (what, why)
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of codes the last training forward stored (all units)."""
+        return sum(u.last_code_bytes for u in self.units)
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes the same activations take in full precision."""
+        return sum(u.last_full_bytes for u in self.units)
+
+    def __str__(self) -> str:
+        lines = [
+            f"tritonact: {len(self.units)} fused units at {self.bits} bits, {len(self.coded_convs)} convs and "
+            f"{len(self.coded_pools)} max-pools consume codes"
+        ]
+        if self.full_bytes:
+            lines.append(
+                f"last forward: {self.code_bytes / 2**20:.2f} MiB of codes for {self.full_bytes / 2**20:.2f} MiB "
+                f"of activations ({self.full_bytes / max(self.code_bytes, 1):.1f}x less)"
+            )
+        lines.append(f"{'unit':<40} {'covers':<48} {'codes MiB':>9}")
+        for u in self.units:
+            join = " (2 codes)" if u.store_xh else ""
+            lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
+        if self.exact:
+            lines.append("left exact:")
+            lines += [f"  {what}: {why}" for what, why in self.exact]
+        return "\n".join(lines)
+
+
+class approximate:
+    """Exact forward, k-bit activations for backward, for every BN(+add)+ReLU unit of ``model``.
+
+    Args:
+        model: the ``nn.Module`` to train; it is not re-created or copied, only its ``forward`` is swapped
+            while the context is open (restored on exit, also after an exception).
+        bits: 2, 4 or 8.
+        naive: quantize inside the forward pass instead (a baseline whose error compounds with depth).
+        backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA tensors, torch on CPU).
+        window, positive_fraction, ring: see :class:`tritonact.ApproxConfig`.
+
+    Example::
+
+        with tritonact.approximate(model, bits=4) as ctx:
+            for x, y in loader:
+                loss = criterion(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+        print(ctx.report())
+    """
+
+    def __init__(self, model: nn.Module, bits: int = 4, *, naive: bool = False, backend: str | None = None,
+                 window: float | None = None, positive_fraction: float | None = None, ring: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        kw = {} if positive_fraction is None else {"positive_fraction": positive_fraction}
+        self.config = ApproxConfig(bits=bits, naive=naive, backend=backend, window=window, ring=ring, **kw)
+        self.model = model
+        self._swapped: list = []
+        self._report: ApproxReport | None = None
+
+    # -- context protocol --------------------------------------------------------------------------------
+    def __enter__(self) -> approximate:
+        model = self.model
+        if model in _ACTIVE:
+            raise RuntimeError(f"tritonact.approximate is already active on this {type(model).__name__}")
+        if _in_forward(model):
+            raise RuntimeError(
+                f"tritonact.approximate entered while {type(model).__name__} is running its forward; "
+                "enter the context outside the forward pass"
+            )
+        device = _model_device(model)
+        backend = resolve_backend(self.config.backend, device)
+        self._report = ApproxReport(bits=self.config.bits)
+        try:
+            self._convert(model, "", backend)
+        except BaseException:
+            self._restore()
+            raise
+        _ACTIVE.add(model)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore()
+        _ACTIVE.discard(self.model)
+        return False
+
+    def report(self) -> ApproxReport:
+        """The conversion report (units, bytes of codes from the last training forward, what stayed exact)."""
+        if self._report is None:
+            raise RuntimeError("report() is available once the context has been entered")
+        return self._report
+
+    # -- conversion -----------------------------------------------------------------------------------------
+    def _convert(self, module: nn.Module, prefix: str, backend: str) -> None:
+        try:
+            gm = trace(module)
+        except Exception as e:  # untraceable: convert the children that trace, leave this level exact
+            self._report.exact.append((prefix.rstrip(".") or type(module).__name__,
+                                       f"not traceable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
+            for name, child in module.named_children():
+                if any(isinstance(m, torch.nn.BatchNorm2d) for m in child.modules()):
+                    self._convert(child, f"{prefix}{name}.", backend)
+            return
+        plan = make_plan(gm, self.config, backend, prefix)
+        rep = self._report
+        rep.units += [spec for spec, _, _ in plan.units.values()]
+        rep.coded_convs += [prefix + n.target for n in plan.convs]
+        rep.coded_pools += [prefix + n.target for n in plan.pools]
+        rep.exact += plan.exact
+        if plan.units:
+            self._swap(module, Program(module, gm, plan, _signature(module)))
+        # modules kept as calls because they have hooks: convert their insides separately
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                sub = gm.get_submodule(node.target)
+                if has_hooks(sub) and any(isinstance(m, torch.nn.BatchNorm2d) for m in sub.modules()):
+                    if not isinstance(sub, torch.nn.BatchNorm2d):
+                        self._convert(sub, f"{prefix}{node.target}.", backend)
+
+    def _swap(self, module: nn.Module, program: Program) -> None:
+        had = "forward" in module.__dict__
+        prev = module.__dict__.get("forward")
+        original = module.forward
+        config = self.config
+
+        def forward(*args, **kwargs):
+            if not module.training or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            _sync_backend(program, config, args, kwargs)
+            return program(*args, **kwargs)
+
+        forward.__wrapped__ = original
+        module.forward = forward
+        self._swapped.append((module, had, prev))
+
+    def _restore(self) -> None:
+        while self._swapped:
+            module, had, prev = self._swapped.pop()
+            if had:
+                module.__dict__["forward"] = prev
+            else:
+                module.__dict__.pop("forward", None)
+
+
+def _sync_backend(program: Program, config: ApproxConfig, args, kwargs) -> None:
+    t = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if t is None:
+        return
+    backend = resolve_backend(config.backend, t.device)
+    for spec, _, _ in program.plan.units.values():
+        spec.backend = backend
+
+
+def _signature(module: nn.Module) -> inspect.Signature:
+    return inspect.signature(module.forward)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _in_forward(model: nn.Module) -> bool:
+    mods = {id(m) for m in model.modules()}
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name in ("_call_impl", "forward", "_wrapped_call_impl"):
+            s = f.f_locals.get("self")
+            if s is not None and id(s) in mods:
+                return True
+        f = f.f_back
+    return False

@@ -1,0 +1,393 @@
+"""Autograd ops of the approximate path: fused BN(+add)+activation, and the conv / max-pool that consume its code.
+
+Every tensor an op keeps for backward goes through ``save_for_backward`` (so ``saved_tensors_hooks`` and memory
+tools see it); ``ctx`` attributes hold only python metadata. A unit's code is produced once and every consumer
+saves the very same tensors, so it is stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tritonact import reference as ref
+from tritonact.config import ApproxConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# codes
+
+
+@dataclass(frozen=True)
+class ActMeta:
+    """What is needed, besides its tensors ``(data, params)``, to decode a unit's code. Holds no tensor."""
+
+    bits: int
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+    dtype: torch.dtype
+    act: str
+    backend: str
+    n_tensors: int = 2
+
+    def decode_act(self, tensors, dtype=None) -> torch.Tensor:
+        data, P = tensors
+        dtype = dtype or self.dtype
+        if self.backend == "triton":
+            from tritonact.kernels.bn_act import decode_act
+
+            return decode_act(data, P, self.bits, self.shape, self.perm, self.act, dtype)
+        return ref.decode_act_ref(data, P, self.bits, self.shape, self.perm, self.act, dtype)
+
+    def decode_value(self, tensors):
+        data, P = tensors
+        if self.backend == "triton":
+            from tritonact.kernels.bn_act import decode_value
+
+            return decode_value(data, P, self.bits, self.shape, self.perm)
+        return ref.decode_value_ref(data, P, self.bits, self.shape, self.perm)
+
+
+@dataclass(frozen=True)
+class PoolMeta:
+    """A max-pool output, decoded as its input's code gathered at the stored window-local argmax."""
+
+    parent: ActMeta | PoolMeta
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def n_tensors(self) -> int:
+        return self.parent.n_tensors + 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    def global_index(self, local: torch.Tensor) -> torch.Tensor:
+        return _global_index(local, self.in_shape, self.kernel, self.stride, self.padding, self.dilation)
+
+    def decode_act(self, tensors, dtype=None) -> torch.Tensor:
+        *parent_tensors, local = tensors
+        a = self.parent.decode_act(parent_tensors, dtype)
+        N, C, H, W = self.in_shape
+        idx = self.global_index(local)
+        out = torch.gather(a.reshape(N, C, H * W), 2, idx.reshape(N, C, -1))
+        return out.view(self.out_shape)
+
+
+@dataclass
+class Code:
+    """A coded activation: python metadata plus the tensors a consumer saves to decode it later."""
+
+    meta: ActMeta | PoolMeta
+    tensors: tuple[torch.Tensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def decode_act(self, dtype=None) -> torch.Tensor:
+        return self.meta.decode_act(self.tensors, dtype)
+
+
+class _Box:
+    """Carries tensors produced inside an autograd Function's forward out to the caller."""
+
+    tensors: tuple = ()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused BN (+ residual add) + activation
+
+
+@dataclass(eq=False)
+class UnitSpec:
+    """One fused unit of the rewritten model: which modules it covers and how it codes its output."""
+
+    name: str
+    bn: nn.BatchNorm2d
+    act: str  # "relu" | "relu6" | "none"
+    has_residual: bool
+    config: ApproxConfig
+    backend: str
+    store_xh: bool = False  # residual join whose BN value is stored as a second code (gamma ~ 0 at entry)
+    covers: tuple[str, ...] = ()
+    last_code_bytes: int = field(default=0, repr=False)
+    last_full_bytes: int = field(default=0, repr=False)
+
+
+def _bn_momentum(bn: nn.BatchNorm2d) -> float:
+    """Exactly what ``nn.BatchNorm2d.forward`` does to its counters in training mode."""
+    eaf = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        eaf = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return eaf
+
+
+def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual):
+    bn, cfg = spec.bn, spec.config
+    y32 = y.float()
+    rm = bn.running_mean if bn.track_running_stats else None
+    rv = bn.running_var if bn.track_running_stats else None
+    z, mean, invstd = torch.native_batch_norm(y32, gamma, beta, rm, rv, True, _bn_momentum(bn), bn.eps)
+    xh = (y32 - ref.bview(mean, y32)) * ref.bview(invstd, y32)
+    extra = ()
+    if residual is not None:
+        w, coded = torch.add(z, residual.float(), out=torch.empty_like(y32)), "sum"  # keep y's memory format
+        if spec.store_xh:
+            extra = _encode(xh, "none", "xh", spec, gamma, beta)
+    else:
+        w, coded = xh, "xh"
+    data, P = _encode(w, spec.act, coded, spec, gamma, beta)
+    out = ref.apply_act(w if residual is not None else z, spec.act).to(y.dtype)
+    return out, data, P, invstd, extra
+
+
+def _encode(w, act, coded, spec, gamma, beta):
+    cfg = spec.config
+    wmin, wmax, wmean, wstd = ref.value_stats(w, coded)
+    P = ref.code_params(
+        bits=cfg.bits, act=act, wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, gamma=gamma, beta=beta,
+        coded=coded, window=cfg.effective_window, positive_fraction=cfg.positive_fraction,
+    )
+    return ref.encode_ref(w, P, cfg.bits), P
+
+
+class _BNActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, box, res_meta, y, gamma, beta, residual, *res_tensors):
+        with torch.autocast(y.device.type, enabled=False):
+            if spec.backend == "triton":
+                from tritonact.kernels.bn_act import unit_forward
+
+                out, data, P, invstd, extra = unit_forward(spec, y, gamma, beta, residual)
+            else:
+                out, data, P, invstd, extra = _unit_forward_torch(spec, y, gamma, beta, residual)
+        meta = ActMeta(spec.config.bits, tuple(y.shape), _perm(y), y.dtype, spec.act, spec.backend)
+        if spec.config.naive:
+            out = meta.decode_act((data, P))
+        box.tensors = (data, P)
+        box.meta = meta
+        saved_res = ()
+        ctx.res_mode = None
+        if residual is not None:
+            if spec.store_xh:
+                ctx.res_mode = "xh"
+            elif res_meta is not None:
+                ctx.res_mode, saved_res = "code", res_tensors
+            else:
+                ctx.res_mode, saved_res = "exact", (residual,)
+            ctx.res_dtype = residual.dtype
+        ctx.meta, ctx.res_meta, ctx.n_extra = meta, res_meta, len(extra)
+        ctx.save_for_backward(data, P, invstd, gamma, beta, *extra, *saved_res)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        data, P, invstd, gamma, beta, *rest = ctx.saved_tensors
+        extra, saved_res = rest[: ctx.n_extra], rest[ctx.n_extra :]
+        meta: ActMeta = ctx.meta
+        with torch.autocast(g.device.type, enabled=False):
+            w, mask = meta.decode_value((data, P))
+            g32 = g.float()
+            g_z = g32 * mask if meta.act != "none" else g32
+            g_res = None
+            if ctx.res_mode is None:
+                xh = w
+            else:
+                g_res = g_z.to(ctx.res_dtype)
+                if ctx.res_mode == "xh":
+                    xh_meta = ActMeta(meta.bits, meta.shape, meta.perm, meta.dtype, "none", meta.backend)
+                    xh = xh_meta.decode_value(tuple(extra))[0]
+                else:
+                    if ctx.res_mode == "code":
+                        r = ctx.res_meta.decode_act(tuple(saved_res), torch.float32)
+                    else:
+                        r = saved_res[0].float()
+                    # recover the BN value from the coded sum: xh = (s - r - beta) / gamma
+                    g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+                    xh = (w - r - ref.bview(beta, w)) / ref.bview(g_safe, w)
+            if meta.backend == "triton":
+                from tritonact.kernels.bn_act import bn_backward
+
+                g_y, g_gamma, g_beta = bn_backward(g_z, xh, gamma, invstd)
+            else:
+                g_y, g_gamma, g_beta = ref.bn_backward_ref(g_z, xh, gamma, invstd)
+        need = ctx.needs_input_grad
+        return (
+            None, None, None,
+            g_y.to(meta.dtype) if need[3] else None,
+            g_gamma if need[4] else None,
+            g_beta if need[5] else None,
+            g_res,
+            *([None] * (len(ctx.needs_input_grad) - 7)),
+        )
+
+
+def _perm(x):
+    from tritonact.quant import memory_order
+
+    return memory_order(x)
+
+
+def bn_act(spec: UnitSpec, y, residual=None, res_code: Code | None = None):
+    """Run one unit. Returns ``(output, Code | None)``; the exact module path (no code) where the unit does not
+    apply at run time (BN in eval mode, no autograd, an unexpected shape)."""
+    bn = spec.bn
+    if (
+        not bn.training
+        or not torch.is_grad_enabled()
+        or y.dim() != 4
+        or (residual is not None and residual.shape != y.shape)
+    ):
+        z = bn(y)
+        if residual is not None:
+            z = z + residual
+        return ref.apply_act(z, spec.act), None
+    gamma = bn.weight if bn.weight is not None else torch.ones(y.shape[1], device=y.device)
+    beta = bn.bias if bn.bias is not None else torch.zeros(y.shape[1], device=y.device)
+    box = _Box()
+    res_meta, res_tensors = (res_code.meta, res_code.tensors) if res_code is not None else (None, ())
+    out = _BNActFn.apply(spec, box, res_meta, y, gamma, beta, residual, *res_tensors)
+    code = Code(box.meta, box.tensors)
+    spec.last_code_bytes = code.nbytes
+    spec.last_full_bytes = y.numel() * y.element_size()
+    return out, code
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convolution that saves its input's code
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, conv, meta, x, weight, bias, *code_tensors):
+        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.conv, ctx.meta = conv, meta
+        ctx.compute_dtype, ctx.x_dtype = out.dtype, x.dtype
+        ctx.bias_sizes = [bias.shape[0]] if bias is not None else None
+        ctx.save_for_backward(weight, *code_tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, *code_tensors = ctx.saved_tensors
+        conv, dt = ctx.conv, ctx.compute_dtype
+        a = ctx.meta.decode_act(tuple(code_tensors), dt)
+        need = ctx.needs_input_grad
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            g.to(dt), a, weight.to(dt), ctx.bias_sizes, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0, 0], conv.groups, [need[2], need[3], bool(need[4])],
+        )
+        return (
+            None, None,
+            gi.to(ctx.x_dtype) if gi is not None else None,
+            gw.to(weight.dtype) if gw is not None else None,
+            gb if need[4] else None,
+            *([None] * len(code_tensors)),
+        )
+
+
+def conv_eligible(conv: nn.Module) -> str | None:
+    """None if the conv can consume codes, else why not."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    return None
+
+
+def conv_coded(conv: nn.Conv2d, x, code: Code | None):
+    if code is None or not torch.is_grad_enabled() or x.dim() != 4:
+        return conv(x)
+    return _ConvFn.apply(conv, code.meta, x, conv.weight, conv.bias, *code.tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# max-pool that saves a uint8 window-local argmax
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _global_index(local, in_shape, kernel, stride, padding, dilation):
+    N, C, H, W = in_shape
+    OH, OW = local.shape[-2:]
+    dev = local.device
+    h0 = (torch.arange(OH, device=dev) * stride[0] - padding[0]).view(OH, 1)
+    w0 = (torch.arange(OW, device=dev) * stride[1] - padding[1]).view(1, OW)
+    loc = local.long()
+    ih = h0 + (loc // kernel[1]) * dilation[0]
+    iw = w0 + (loc % kernel[1]) * dilation[1]
+    return ih * W + iw
+
+
+def _local_index(idx, in_shape, kernel, stride, padding, dilation):
+    N, C, H, W = in_shape
+    OH, OW = idx.shape[-2:]
+    dev = idx.device
+    h0 = (torch.arange(OH, device=dev) * stride[0] - padding[0]).view(OH, 1)
+    w0 = (torch.arange(OW, device=dev) * stride[1] - padding[1]).view(1, OW)
+    kh = (idx // W - h0) // dilation[0]
+    kw = (idx % W - w0) // dilation[1]
+    return (kh * kernel[1] + kw).to(torch.uint8)
+
+
+class _MaxPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, geom, box, x):
+        kernel, stride, padding, dilation, ceil_mode = geom
+        out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+        local = _local_index(idx, tuple(x.shape), kernel, stride, padding, dilation)
+        box.local = local
+        ctx.geom, ctx.in_shape = geom, tuple(x.shape)
+        ctx.cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.save_for_backward(local)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (local,) = ctx.saved_tensors
+        kernel, stride, padding, dilation, _ = ctx.geom
+        N, C, H, W = ctx.in_shape
+        idx = _global_index(local, ctx.in_shape, kernel, stride, padding, dilation)
+        gi = torch.zeros(N, C, H * W, dtype=g.dtype, device=g.device)
+        gi.scatter_add_(2, idx.reshape(N, C, -1), g.reshape(N, C, -1))
+        gi = gi.view(N, C, H, W)
+        if ctx.cl:
+            gi = gi.contiguous(memory_format=torch.channels_last)
+        return None, None, gi
+
+
+def pool_eligible(pool: nn.Module) -> str | None:
+    if type(pool) is not nn.MaxPool2d:
+        return f"{type(pool).__name__} is not nn.MaxPool2d"
+    if pool.return_indices:
+        return "return_indices=True"
+    k = _pair(pool.kernel_size)
+    if k[0] * k[1] > 256:
+        return f"kernel {k} has more than 256 positions"
+    return None
+
+
+def maxpool_coded(pool: nn.MaxPool2d, x, code: Code | None):
+    if code is None or not torch.is_grad_enabled() or x.dim() != 4:
+        return pool(x), None
+    k = _pair(pool.kernel_size)
+    s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    p, d = _pair(pool.padding), _pair(pool.dilation)
+    box = _Box()
+    out = _MaxPoolFn.apply((k, s, p, d, pool.ceil_mode), box, x)
+    pm = PoolMeta(code.meta, tuple(x.shape), tuple(out.shape), k, s, p, d)
+    return out, Code(pm, tuple(code.tensors) + (box.local,))

@@ -1,0 +1,222 @@
+"""Plain-PyTorch references of the fused BN(+add)+activation kernels: the CPU path and the kernels' contract.
+
+The coded value ``w`` of a unit is the BN's normalized input ``xh`` (a BN with no residual add) or the pre-activation
+sum ``s = BN(y) + residual`` (a residual join). Each channel has a threshold-anchored grid, described by a
+``(PARAM_ROWS, C)`` fp32 tensor (rows below)::
+
+    v  = (w - o) * sgn                       # v > 0  <=>  the activation passes (ReLU mask)
+    v > 0:   q = nneg + min(floor(v * rdp), qtop - nneg)         (positive grid, step dp)
+    v <= 0:  q = nneg - 1 - min(floor(-v * rdn), nneg - 1)      (negative grid, step dn)
+    v >= vhi: q = 2**bits - 1                                    (ReLU6 saturation; vhi = inf otherwise)
+    q = clamp(q, 0, 2**bits - 1); NaN -> 0
+
+Decoding: ``v~ = (q - nneg + 0.5) * (dp if q >= nneg else dn)``, ``v~ = vhi`` where ``q > qtop``;
+``w~ = o + sgn * v~``; mask ``= nneg <= q <= qtop`` (exact); the activation the next layer consumed is
+``a~ = A * f(v~) + B`` with ``f = max(., 0)`` for ReLU/ReLU6 units and the identity otherwise.
+Codes are packed like ``tritonact.quant`` (memory order, ``8 // bits`` per byte, LSB first).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tritonact.quant import _channel_view_shape, _inverse, memory_order, pack_codes, unpack_codes
+
+ROWS = ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B")
+R = {name: i for i, name in enumerate(ROWS)}
+PARAM_ROWS = len(ROWS)
+
+ACTS = ("relu", "relu6", "none")
+_TINY = 1e-20
+
+
+def channel_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def bview(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector ``(C,)`` viewed to broadcast against ``x`` (logical NC... order)."""
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def apply_act(z: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu(z)
+    if act == "relu6":
+        return z.clamp(0.0, 6.0)
+    return z
+
+
+def code_params(
+    *,
+    bits: int,
+    act: str,
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    wmean: torch.Tensor,
+    wstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    coded: str,
+    window: float,
+    positive_fraction: float,
+) -> torch.Tensor:
+    """Per-channel grid of a unit. All inputs are fp32 ``(C,)`` except the python scalars.
+
+    Args:
+        coded: ``"xh"`` (w is the BN's normalized input; mean 0, std 1) or ``"sum"`` (w is BN(y) + residual).
+        window: half-width of the coded window in standard deviations of ``w``; ``inf`` = observed min/max.
+    """
+    L = float(1 << bits)
+    C = wmin.numel()
+    P = torch.zeros(PARAM_ROWS, C, dtype=torch.float32, device=wmin.device)
+    one = torch.ones_like(wmin)
+    # window in w units, intersected with the observed range
+    if math.isinf(window):
+        lo_w, hi_w = wmin, wmax
+    else:
+        lo_w = torch.maximum(wmin, wmean - window * wstd)
+        hi_w = torch.minimum(wmax, wmean + window * wstd)
+
+    if act == "none":
+        o, sgn = lo_w, one
+        vmax = hi_w - lo_w
+        nneg = torch.zeros_like(wmin)
+        qtop = torch.full_like(wmin, L - 1)
+        vhi = torch.full_like(wmin, math.inf)
+        dp = torch.clamp(vmax / L, min=_TINY)
+        dn = one
+        if coded == "xh":
+            A, B = gamma, gamma * o + beta
+        else:
+            A, B = one, o
+        P[R["o"]], P[R["sgn"]] = o, sgn
+    else:
+        if coded == "xh":
+            deg = gamma == 0
+            g_safe = torch.where(deg, one, gamma)
+            sgn = torch.where(gamma < 0, -one, one)
+            o = -beta / g_safe
+            absg = gamma.abs()
+        else:
+            deg = torch.zeros_like(wmin, dtype=torch.bool)
+            sgn, o, absg = one, torch.zeros_like(wmin), one
+        # v-space extent of the data and of the window
+        vmin = torch.where(sgn > 0, wmin - o, o - wmax)
+        vmax = torch.where(sgn > 0, wmax - o, o - wmin)
+        wlo = torch.where(sgn > 0, lo_w - o, o - hi_w)
+        whi = torch.where(sgn > 0, hi_w - o, o - lo_w)
+        # A side that holds data is never dropped by the window (the ReLU threshold may lie outside it).
+        pos_hi = torch.where(whi > 0, whi, vmax)
+        neg_lo = torch.where(wlo < 0, wlo, vmin)
+        if act == "relu6":
+            vhi = 6.0 / torch.where(deg, one, absg)
+            sat_possible = vmax >= vhi
+            pos_hi = torch.minimum(pos_hi, vhi)
+        else:
+            vhi = torch.full_like(wmin, math.inf)
+            sat_possible = torch.zeros_like(deg)
+        n_neg_mixed = max(1.0, float(round(L * (1.0 - positive_fraction))))
+        nneg = torch.where(vmax <= 0, L, torch.where(vmin > 0, 0.0, n_neg_mixed))
+        qtop = torch.where(sat_possible, L - 2, L - 1)
+        qtop = torch.maximum(qtop, nneg)  # at least one positive bin whenever there are positive codes
+        npos = torch.clamp(qtop - nneg + 1, min=1.0)
+        dp = torch.clamp(pos_hi / npos, min=_TINY)
+        dn = torch.clamp(-neg_lo / torch.clamp(nneg, min=1.0), min=_TINY)
+        A, B = absg, torch.zeros_like(wmin)
+        if coded == "xh" and bool(deg.any()):
+            # gamma == 0: the output is act(beta), constant per channel; code xh on one uniform grid and make the
+            # mask constant through nneg (all codes active, or none).
+            act_beta = apply_act(beta, act)
+            active = (beta > 0) & ((beta < 6.0) if act == "relu6" else torch.ones_like(deg))
+            rng = torch.clamp(hi_w - lo_w, min=_TINY)
+            o = torch.where(deg, torch.where(active, lo_w, hi_w), o)
+            sgn = torch.where(deg, one, sgn)
+            nneg = torch.where(deg, torch.where(active, 0.0, L), nneg)
+            qtop = torch.where(deg, L - 1, qtop)
+            vhi = torch.where(deg, math.inf, vhi)
+            dp = torch.where(deg, rng / L, dp)
+            dn = torch.where(deg, rng / L, dn)
+            A = torch.where(deg, 0.0, A)
+            B = torch.where(deg, act_beta, B)
+        P[R["o"]], P[R["sgn"]] = o, sgn
+    P[R["dp"]], P[R["dn"]] = dp, dn
+    P[R["rdp"]], P[R["rdn"]] = 1.0 / dp, 1.0 / dn
+    P[R["nneg"]], P[R["qtop"]], P[R["vhi"]] = nneg, qtop, vhi
+    P[R["A"]], P[R["B"]] = A, B
+    return P
+
+
+def _rows(P: torch.Tensor, shape_b) -> dict[str, torch.Tensor]:
+    return {name: P[i].view(shape_b) for i, name in enumerate(ROWS)}
+
+
+def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes of ``w`` (fp32, any dense layout; channel dim 1) under the grid ``P``."""
+    perm = memory_order(w)
+    wp = w.permute(perm)
+    p = _rows(P, _channel_view_shape(wp.shape, perm))
+    L1 = float((1 << bits) - 1)
+    v = (wp - p["o"]) * p["sgn"]
+    qp = p["nneg"] + torch.minimum(torch.floor(v * p["rdp"]), p["qtop"] - p["nneg"])
+    qn = p["nneg"] - 1.0 - torch.minimum(torch.floor(-v * p["rdn"]), p["nneg"] - 1.0)
+    q = torch.where(v > 0, qp, qn)
+    q = torch.where(v >= p["vhi"], L1, q)
+    q = torch.clamp(q, 0.0, L1)
+    q = torch.where(torch.isnan(v), 0.0, q)
+    return pack_codes(q.to(torch.uint8), bits)
+
+
+def _decode_v(data, P, bits, shape, perm):
+    perm_shape = [shape[d] for d in perm]
+    q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape).float()
+    p = _rows(P, _channel_view_shape(perm_shape, perm))
+    pos = q >= p["nneg"]
+    sat = q > p["qtop"]
+    v = (q - p["nneg"] + 0.5) * torch.where(pos, p["dp"], p["dn"])
+    v = torch.where(sat, p["vhi"], v)
+    return v, pos & ~sat, p
+
+
+def decode_value_ref(data, P, bits, shape, perm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w~, mask)`` in fp32 / bool, logical shape (memory format of the original)."""
+    v, mask, p = _decode_v(data, P, bits, shape, perm)
+    w = p["o"] + p["sgn"] * v
+    inv = _inverse(perm)
+    return w.permute(inv), mask.permute(inv)
+
+
+def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype) -> torch.Tensor:
+    """The approximate activation ``a~ = A * f(v~) + B`` that the unit's consumers computed from, in ``dtype``."""
+    v, _, p = _decode_v(data, P, bits, shape, perm)
+    if act != "none":
+        v = torch.clamp(v, min=0.0)
+    a = p["A"] * v + p["B"]
+    return a.to(dtype).permute(_inverse(perm))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whole-unit references (forward statistics and backward), CPU path
+
+
+def value_stats(w: torch.Tensor, coded: str) -> tuple[torch.Tensor, ...]:
+    """Per-channel ``(min, max, mean, std)`` of the coded value (``xh`` has mean 0 and std 1 by construction)."""
+    dims = channel_dims(w)
+    wmin = w.amin(dim=dims)
+    wmax = w.amax(dim=dims)
+    if coded == "xh":
+        return wmin, wmax, torch.zeros_like(wmin), torch.ones_like(wmin)
+    var, mean = torch.var_mean(w, dim=dims, unbiased=False)
+    return wmin, wmax, mean, var.sqrt()
+
+
+def bn_backward_ref(g_z: torch.Tensor, xh: torch.Tensor, gamma: torch.Tensor, invstd: torch.Tensor):
+    """BN input gradient and (grad gamma, grad beta) from the pre-BN-output gradient ``g_z`` (fp32) and ``xh``."""
+    dims = channel_dims(g_z)
+    M = g_z.numel() // g_z.shape[1]
+    sum_gz = g_z.sum(dim=dims)
+    sum_gzxh = (g_z * xh).sum(dim=dims)
+    g_y = bview(gamma * invstd, g_z) * (g_z - bview(sum_gz / M, g_z) - xh * bview(sum_gzxh / M, g_z))
+    return g_y, sum_gzxh, sum_gz
