@@ -133,7 +133,7 @@ def _bn_momentum(bn: nn.BatchNorm2d) -> float:
 
 
 def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual):
-    bn, cfg = spec.bn, spec.config
+    bn = spec.bn
     y32 = y.float()
     rm = bn.running_mean if bn.track_running_stats else None
     rv = bn.running_var if bn.track_running_stats else None
