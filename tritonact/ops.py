@@ -196,38 +196,27 @@ class _BNActFn(torch.autograd.Function):
         extra, saved_res = rest[: ctx.n_extra], rest[ctx.n_extra :]
         meta: ActMeta = ctx.meta
         with torch.autocast(g.device.type, enabled=False):
-            w, mask = meta.decode_value((data, P))
-            g32 = g.float()
-            g_z = g32 * mask if meta.act != "none" else g32
-            g_res = None
-            if ctx.res_mode is None:
-                xh = w
-            else:
-                g_res = g_z.to(ctx.res_dtype)
-                if ctx.res_mode == "xh":
-                    xh_meta = ActMeta(meta.bits, meta.shape, meta.perm, meta.dtype, "none", meta.backend)
-                    xh = xh_meta.decode_value(tuple(extra))[0]
-                else:
-                    if ctx.res_mode == "code":
-                        r = ctx.res_meta.decode_act(tuple(saved_res), torch.float32)
-                    else:
-                        r = saved_res[0].float()
-                    # recover the BN value from the coded sum: xh = (s - r - beta) / gamma
-                    g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-                    xh = (w - r - ref.bview(beta, w)) / ref.bview(g_safe, w)
+            residual = xh_code = None
+            if ctx.res_mode == "xh":
+                xh_code = tuple(extra)
+            elif ctx.res_mode == "code":
+                residual = ctx.res_meta.decode_act(tuple(saved_res), torch.float32)
+            elif ctx.res_mode == "exact":
+                residual = saved_res[0]
+            args = (g, data, P, meta.bits, meta.shape, meta.perm, meta.act, gamma, beta, invstd, residual, xh_code)
             if meta.backend == "triton":
-                from tritonact.kernels.bn_act import bn_backward
+                from tritonact.kernels.bn_act import unit_backward
 
-                g_y, g_gamma, g_beta = bn_backward(g_z, xh, gamma, invstd)
+                g_y, g_gamma, g_beta, g_res = unit_backward(*args)
             else:
-                g_y, g_gamma, g_beta = ref.bn_backward_ref(g_z, xh, gamma, invstd)
+                g_y, g_gamma, g_beta, g_res = ref.unit_backward_ref(*args)
         need = ctx.needs_input_grad
         return (
             None, None, None,
             g_y.to(meta.dtype) if need[3] else None,
             g_gamma if need[4] else None,
             g_beta if need[5] else None,
-            g_res,
+            g_res.to(ctx.res_dtype) if (g_res is not None and need[6]) else None,
             *([None] * (len(ctx.needs_input_grad) - 7)),
         )
 

@@ -220,3 +220,33 @@ def bn_backward_ref(g_z: torch.Tensor, xh: torch.Tensor, gamma: torch.Tensor, in
     sum_gzxh = (g_z * xh).sum(dim=dims)
     g_y = bview(gamma * invstd, g_z) * (g_z - bview(sum_gz / M, g_z) - xh * bview(sum_gzxh / M, g_z))
     return g_y, sum_gzxh, sum_gz
+
+
+def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None):
+    """Backward of one unit from its code (the CPU path; contract of ``kernels.bn_act.unit_backward``).
+
+    Args:
+        g: ``dL/d out`` (any float dtype, the unit output's layout).
+        data, P, bits, shape, perm: the unit's code (``w`` = ``xh``, or the sum ``s`` for a residual join).
+        act: ``"relu"`` | ``"relu6"`` | ``"none"``.
+        gamma, beta, invstd: fp32 ``(C,)``.
+        residual: for a join whose BN value is recovered from the sum: the residual as the join saw it
+            (decoded from its own code, or exact), any float dtype; else None.
+        xh_code: for a join that stores the BN value as a second code: ``(data, P)`` of it (act "none").
+
+    Returns:
+        ``(g_y, g_gamma, g_beta, g_residual)`` in fp32; ``g_residual`` is None without a residual.
+    """
+    w, mask = decode_value_ref(data, P, bits, shape, perm)
+    g32 = g.float()
+    g_z = g32 * mask if act != "none" else g32
+    joined = residual is not None or xh_code is not None
+    if xh_code is not None:
+        xh = decode_value_ref(xh_code[0], xh_code[1], bits, shape, perm)[0]
+    elif residual is not None:
+        g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+        xh = (w - residual.float() - bview(beta, w)) / bview(g_safe, w)
+    else:
+        xh = w
+    g_y, g_gamma, g_beta = bn_backward_ref(g_z, xh, gamma, invstd)
+    return g_y, g_gamma, g_beta, (g_z if joined else None)
