@@ -139,12 +139,16 @@ class approximate:
         rep.exact += plan.exact
         if plan.units:
             self._swap(module, Program(module, gm, plan, _signature(module)))
+        elif not prefix:
+            rep.exact.append((type(module).__name__, "no BatchNorm2d unit found: the whole model runs exactly"))
         # modules kept as calls because they have hooks: convert their insides separately
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 sub = gm.get_submodule(node.target)
                 if has_hooks(sub) and any(isinstance(m, torch.nn.BatchNorm2d) for m in sub.modules()):
                     if not isinstance(sub, torch.nn.BatchNorm2d):
+                        rep.exact.append((prefix + node.target, "has user hooks: called as a module so they fire, "
+                                          "converted inside; its output is not coded"))
                         self._convert(sub, f"{prefix}{node.target}.", backend)
 
     def _swap(self, module: nn.Module, program: Program) -> None:

@@ -134,20 +134,25 @@ def _bn_momentum(bn: nn.BatchNorm2d) -> float:
 
 def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual):
     bn = spec.bn
-    y32 = y.float()
     rm = bn.running_mean if bn.track_running_stats else None
     rv = bn.running_var if bn.track_running_stats else None
-    z, mean, invstd = torch.native_batch_norm(y32, gamma, beta, rm, rv, True, _bn_momentum(bn), bn.eps)
+    # The module's own op on y's dtype: output and running statistics bit-identical to nn.BatchNorm2d.
+    z, mean, invstd = torch.native_batch_norm(y, gamma, beta, rm, rv, True, _bn_momentum(bn), bn.eps)
+    y32 = y.float()
     xh = (y32 - ref.bview(mean, y32)) * ref.bview(invstd, y32)
     extra = ()
     if residual is not None:
-        w, coded = torch.add(z, residual.float(), out=torch.empty_like(y32)), "sum"  # keep y's memory format
+        s = z + residual  # the model's own add, same dtype promotion and rounding
+        w, coded = s.float(), "sum"
+        if w.stride() != y.stride():  # codes follow y's memory order
+            w = torch.empty_like(y32).copy_(w)
         if spec.store_xh:
             extra = _encode(xh, "none", "xh", spec, gamma, beta)
+        out = ref.apply_act(s, spec.act)
     else:
         w, coded = xh, "xh"
+        out = ref.apply_act(z, spec.act)
     data, P = _encode(w, spec.act, coded, spec, gamma, beta)
-    out = ref.apply_act(w if residual is not None else z, spec.act).to(y.dtype)
     return out, data, P, invstd, extra
 
 

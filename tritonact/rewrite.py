@@ -119,11 +119,11 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                     if k2 and nxt[0].args[0] is u:
                         final, act = nxt[0], k2
                         covers += ["add", _describe(nxt[0], prefix)]
+                        plan.absorbed.add(u)
                     else:
                         final = u
                         covers.append("add")
                     residual = other
-                    plan.absorbed.add(u)
             if final is not node:
                 plan.absorbed.add(node)
             store_xh = residual is not None and m.weight is not None and bool(

@@ -1,0 +1,345 @@
+"""tritonact.approximate on real torchvision models: exact forward, BN statistics, API behaviour, edge cases."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import tritonact
+from tritonact import reference as ref
+from tritonact.memory import activation_bytes_per_sample
+
+
+def resnet18(seed=0):
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def batch(n=4, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def step(model, x, y):
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    return out.detach(), loss.detach()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_forward_is_exact_and_grads_close(bits):
+    model = resnet18()
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    out_e, loss_e = step(exact, x, y)
+    with tritonact.approximate(model, bits=bits):
+        out_a, loss_a = step(model, x, y)
+    torch.testing.assert_close(out_a, out_e, rtol=1e-5, atol=1e-6)
+    assert abs(loss_a.item() - loss_e.item()) <= 1e-5 * abs(loss_e.item())
+    errs = [rel(p.grad, q.grad) for p, q in zip(model.parameters(), exact.parameters()) if p.dim() == 4]
+    # loose per-bit bounds here; tests/test_fidelity.py checks the issue's thresholds at 64x64
+    assert max(errs) < {8: 0.05, 4: 0.35, 2: 0.9}[bits]
+    for p, q in zip(model.parameters(), exact.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert p.grad.shape == q.grad.shape
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0])
+def test_bn_running_stats_identical_to_exact_training(momentum):
+    model = resnet18()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    exact = copy.deepcopy(model)
+    for seed in (1, 2):
+        x, y = batch(seed=seed)
+        step(exact, x, y)
+        with tritonact.approximate(model, bits=4):
+            step(model, x, y)
+    for (name, a), (_, b) in zip(model.named_buffers(), exact.named_buffers()):
+        assert torch.equal(a, b), name
+    assert int(model.bn1.num_batches_tracked) == 2
+
+
+def test_model_is_not_recreated_and_restored():
+    model = resnet18()
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    with tritonact.approximate(model, bits=4):
+        assert "forward" in model.__dict__
+        assert all(a is b for a, b in zip(model.parameters(), params))
+        assert list(model.state_dict()) == keys
+        before = model.fc.weight.detach().clone()
+        step(model, x, y)
+        opt.step()
+        assert not torch.equal(before, model.fc.weight)
+    assert "forward" not in model.__dict__
+    assert all(a is b for a, b in zip(model.parameters(), params))
+
+
+def test_restored_after_exception():
+    model = resnet18()
+    with pytest.raises(ZeroDivisionError):
+        with tritonact.approximate(model, bits=4):
+            step(model, *batch())
+            raise ZeroDivisionError("user code failed")
+    assert "forward" not in model.__dict__
+    # entering again works after the failure
+    with tritonact.approximate(model, bits=4):
+        pass
+
+
+def test_enter_twice_is_an_error():
+    model = resnet18()
+    with tritonact.approximate(model, bits=4):
+        with pytest.raises(RuntimeError, match="already active"):
+            with tritonact.approximate(model, bits=8):
+                pass
+    with tritonact.approximate(model, bits=8):  # fine once the first has exited
+        pass
+
+
+def test_enter_during_forward_is_an_error():
+    model = resnet18()
+    seen = []
+
+    def hook(mod, inp, out):
+        with pytest.raises(RuntimeError, match="running its forward"):
+            tritonact.approximate(model, bits=4).__enter__()
+        seen.append(True)
+
+    model.layer1.register_forward_hook(hook)
+    model(batch()[0])
+    assert seen == [True]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        ({"bits": 3}, ValueError, "got 3"),
+        ({"bits": 1}, ValueError, "got 1"),
+        ({"bits": "4"}, ValueError, "got '4'"),
+        ({"naive": 1}, TypeError, "naive"),
+        ({"backend": "cuda"}, ValueError, "'cuda'"),
+        ({"window": -1.0}, ValueError, "-1.0"),
+        ({"positive_fraction": 1.5}, ValueError, "1.5"),
+        ({"ring": "yes"}, TypeError, "'yes'"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        tritonact.approximate(resnet18(), **kwargs)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="Tensor"):
+        tritonact.approximate(torch.zeros(3), bits=4)
+
+
+def test_eval_mode_and_no_grad_run_exactly():
+    model = resnet18()
+    x, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    with tritonact.approximate(model, bits=2) as ctx:
+        with torch.no_grad():
+            got = model(x)
+        model.train()
+        with torch.no_grad():
+            model(x)
+        assert ctx.report().code_bytes == 0  # no codes were made
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_user_hooks_fire_and_see_exact_values():
+    model = resnet18()
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    kept = {}
+    model.layer1.register_forward_hook(lambda m, i, o: kept.__setitem__("layer1", o))
+    exact.layer1.register_forward_hook(lambda m, i, o: kept.__setitem__("exact", o))
+    conv_calls = []
+    model.layer2[0].conv2.register_forward_hook(lambda m, i, o: conv_calls.append(o.shape))
+    step(exact, x, y)
+    with tritonact.approximate(model, bits=4) as ctx:
+        step(model, x, y)
+    assert conv_calls, "a hook on a conv inside the model must still fire"
+    torch.testing.assert_close(kept["layer1"], kept["exact"], rtol=0, atol=0)
+    rep = ctx.report()
+    assert any("layer2.0.conv2" in what and "hooks" in why for what, why in rep.exact)
+    assert any(what == "layer1" and "hooks" in why for what, why in rep.exact)
+    assert len(rep.units) == 20  # layer1 (hooked) is converted on its own
+
+
+def test_report_lists_units_and_exact_parts():
+    model = resnet18()
+    with tritonact.approximate(model, bits=4) as ctx:
+        step(model, *batch())
+    rep = ctx.report()
+    text = str(rep)
+    assert "layer4.1.bn2 + add + layer4.1.relu" in text
+    assert len(rep.units) == 20 and len(rep.coded_convs) == 19 and rep.coded_pools == ["maxpool"]
+    sizes = []
+    exact = resnet18()
+    for m in exact.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, i, o: sizes.append(i[0].numel() * 4))
+    step(exact, *batch())
+    assert rep.full_bytes == sum(sizes)
+    # 4-bit codes are 1/8 of fp32; per-channel metadata weighs in at this tiny 32x32 input (1x1 in layer4)
+    assert 0 < rep.code_bytes < rep.full_bytes / 2
+    vgg = torchvision.models.vgg11(num_classes=10)
+    with tritonact.approximate(vgg, bits=4) as ctx:
+        pass
+    assert "no BatchNorm2d" in str(ctx.report())
+
+
+def test_naive_mode_changes_the_forward_and_is_worse():
+    model = resnet18()
+    exact = copy.deepcopy(model)
+    approx = copy.deepcopy(model)
+    x, y = batch()
+    _, loss_e = step(exact, x, y)
+    with tritonact.approximate(model, bits=4, naive=True):
+        _, loss_n = step(model, x, y)
+    with tritonact.approximate(approx, bits=4):
+        step(approx, x, y)
+    assert loss_n.item() != loss_e.item()
+
+    def median_err(m):
+        return torch.tensor(
+            [rel(p.grad, q.grad) for p, q in zip(m.parameters(), exact.parameters()) if p.dim() == 4]
+        ).median().item()
+
+    assert median_err(model) > median_err(approx)
+
+
+def test_channels_last():
+    model = resnet18().to(memory_format=torch.channels_last)
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    x = x.contiguous(memory_format=torch.channels_last)
+    out_e, _ = step(exact, x, y)
+    with tritonact.approximate(model, bits=8):
+        out_a, _ = step(model, x, y)
+    torch.testing.assert_close(out_a, out_e, rtol=1e-5, atol=1e-6)
+    errs = [rel(p.grad, q.grad) for p, q in zip(model.parameters(), exact.parameters()) if p.dim() == 4]
+    assert max(errs) < 0.05
+    for p, q in zip(model.parameters(), exact.parameters()):
+        assert p.grad.stride() == q.grad.stride()
+
+
+def test_autocast_bf16():
+    model = resnet18()
+    exact = copy.deepcopy(model)
+    fp32 = copy.deepcopy(model)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_e, _ = step(exact, x, y)
+        with tritonact.approximate(model, bits=8):
+            out_a, _ = step(model, x, y)
+    step(fp32, x, y)
+    assert out_a.dtype == out_e.dtype == torch.bfloat16
+    torch.testing.assert_close(out_a, out_e, rtol=0, atol=0)  # the module's own bf16 ops, same rounding
+
+    def median_err(m):
+        return torch.tensor(
+            [rel(p.grad.float(), q.grad) for p, q in zip(m.parameters(), fp32.parameters()) if p.dim() == 4]
+        ).median().item()
+
+    # CPU bf16 training of this tiny model is itself far from fp32 (median ~0.8-1.0 measured); 8-bit codes
+    # (computed in fp32) must not add to that noise beyond 10 %.
+    assert median_err(model) <= 1.1 * median_err(exact)
+
+
+def test_negative_and_zero_gamma():
+    model = resnet18()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[0] = 0.0
+                m.weight[1] = -0.7
+                m.bias[1] = 0.3
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    out_e, _ = step(exact, x, y)
+    with tritonact.approximate(model, bits=8) as ctx:
+        out_a, _ = step(model, x, y)
+    torch.testing.assert_close(out_a, out_e, rtol=1e-5, atol=1e-6)
+    # joins whose BN has a zero gamma store the BN value as a second code
+    assert all(u.store_xh for u in ctx.report().units if u.has_residual)
+    for (name, p), q in zip(model.named_parameters(), exact.parameters()):
+        assert rel(p.grad, q.grad) < 0.06, name
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+@pytest.mark.parametrize("b_over_g", [-12.0, -3.0, 0.0, 3.0, 12.0])
+def test_mask_exact_for_any_threshold(bits, act, b_over_g):
+    """The ReLU (and ReLU6) mask decoded from a code equals the forward's, wherever the threshold falls:
+    the original scheme lost the mask when beta/gamma < about -W and clipped hard when beta/gamma > W."""
+    g = torch.Generator().manual_seed(0)
+    xh = torch.randn(4, 5, 7, 7, generator=g)
+    xh = (xh - xh.mean((0, 2, 3), keepdim=True)) / xh.std((0, 2, 3), unbiased=False, keepdim=True)
+    gamma = torch.tensor([1.0, -1.0, 2.0, 0.5, -3.0])
+    beta = b_over_g * gamma.abs()
+    z = ref.bview(gamma, xh) * xh + ref.bview(beta, xh)
+    wmin, wmax, wmean, wstd = ref.value_stats(xh, "xh")
+    window = tritonact.ApproxConfig(bits=bits).effective_window
+    P = ref.code_params(bits=bits, act=act, wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, gamma=gamma, beta=beta,
+                        coded="xh", window=window, positive_fraction=0.75)
+    data = ref.encode_ref(xh, P, bits)
+    perm = tuple(range(4))
+    _, mask = ref.decode_value_ref(data, P, bits, xh.shape, perm)
+    want = (z > 0) & (z < 6) if act == "relu6" else z > 0
+    assert torch.equal(mask, want)
+    a = ref.decode_act_ref(data, P, bits, xh.shape, perm, act, torch.float32)
+    exact_a = ref.apply_act(z, act)
+    # no hard clipping of the active values: every decoded activation is within one (largest) bin of the truth,
+    # except values beyond the window which keep their mask and sit in the end bin
+    dp = (P[ref.R["dp"]] * gamma.abs()).max().item()
+    inside = (xh.abs() <= window) if math.isfinite(window) else torch.ones_like(xh, dtype=torch.bool)
+    assert ((a - exact_a).abs()[inside] <= dp).all()
+
+
+def test_zero_gamma_channel_keeps_constant_mask():
+    xh = torch.randn(2, 2, 5, 5)
+    gamma, beta = torch.tensor([0.0, 0.0]), torch.tensor([0.5, -0.5])
+    stats = ref.value_stats(xh, "xh")
+    P = ref.code_params(bits=4, act="relu", wmin=stats[0], wmax=stats[1], wmean=stats[2], wstd=stats[3],
+                        gamma=gamma, beta=beta, coded="xh", window=4.0, positive_fraction=0.75)
+    data = ref.encode_ref(xh, P, 4)
+    xh_dec, mask = ref.decode_value_ref(data, P, 4, xh.shape, (0, 1, 2, 3))
+    assert mask[:, 0].all() and not mask[:, 1].any()
+    a = ref.decode_act_ref(data, P, 4, xh.shape, (0, 1, 2, 3), "relu", torch.float32)
+    assert torch.equal(a[:, 0], torch.full_like(a[:, 0], 0.5)) and not a[:, 1].any()
+    # the BN value itself is still coded (grad gamma needs it)
+    assert ((xh_dec - xh).abs() <= (xh.max() - xh.min()) / 16).all()
+
+
+def test_activation_memory_ratio_resnet50():
+    """Per-sample bytes saved for backward (slope between two batch sizes), resnet50 at 128x128."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+
+    def make(n):
+        return torch.randn(n, 3, 128, 128)
+
+    exact = activation_bytes_per_sample(model, make, (1, 2))
+    ratios = {}
+    for bits in (8, 4, 2):
+        with tritonact.approximate(model, bits=bits):
+            ratios[bits] = exact / activation_bytes_per_sample(model, make, (1, 2))
+    assert ratios[8] >= 5 and ratios[4] >= 10 and ratios[2] >= 16, ratios
