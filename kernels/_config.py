@@ -60,10 +60,11 @@ def tuning_key(kernel: str, **key) -> str:
 def candidates(kernel: str) -> list[dict]:
     """Configs ``tritonact autotune`` tries for ``kernel`` (a single one under the interpreter)."""
     if interpreting():
-        return [{"BLOCK": 256, "num_warps": 4}]
+        # the interpreter's cost is per op, not per element: the bn_act kernels (many ops) take bigger blocks
+        return [{"BLOCK": 1024 if kernel.startswith("bn_") else 256, "num_warps": 4}]
     if kernel in ("quantize", "dequantize"):
         return [{"BLOCK": b, "num_warps": w} for b in (256, 512, 1024, 2048) for w in (4, 8)]
-    if kernel in ("bn_stats", "bn_fwd", "bn_bwd_reduce", "bn_bwd"):
+    if kernel in ("bn_stats", "bn_fwd", "bn_bwd_reduce", "bn_bwd", "bn_decode"):
         return [{"BLOCK": b, "num_warps": w} for b in (512, 1024, 2048, 4096) for w in (4, 8)]
     raise KeyError(f"unknown kernel {kernel!r}")
 
@@ -78,8 +79,12 @@ def default_config(kernel: str, **key) -> dict:
     return {"BLOCK": 2048, "num_warps": 8}
 
 
+def bucketed(**key) -> dict:
+    """``key`` with its size dims (``numel``, ``spatial``) rounded up to their power-of-two bucket."""
+    return {k: (size_bucket(v) if k in ("numel", "spatial") else v) for k, v in key.items()}
+
+
 def launch_config(kernel: str, **key) -> dict:
     """The config to launch ``kernel`` with. ``key`` holds the dims that change the best choice (never batch)."""
-    bucketed = {k: (size_bucket(v) if k in ("numel", "spatial") else v) for k, v in key.items()}
-    tuned = _tuned().get(tuning_key(kernel, **bucketed))
+    tuned = _tuned().get(tuning_key(kernel, **bucketed(**key)))
     return dict(tuned) if tuned else default_config(kernel, **key)

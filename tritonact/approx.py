@@ -28,6 +28,18 @@ class ApproxReport:
     coded_convs: list = field(default_factory=list)  # names
     coded_pools: list = field(default_factory=list)
     exact: list = field(default_factory=list)  # (what, why)
+    ring_kept_out: list = field(default_factory=list)  # (unit, why its output is not in the ring)
+    programs: list = field(default_factory=list, repr=False)  # (prefix, Program)
+
+    @property
+    def ring_slots(self) -> int:
+        """Slots of the ring(s): the most unit outputs alive at once (summed over separately converted parts)."""
+        return sum(p.ring_plan.nslots for _, p in self.programs if p.ring_plan is not None)
+
+    @property
+    def ring_bytes(self) -> int:
+        """Bytes the ring buffers hold now (allocated on first use, grown with the batch)."""
+        return sum(p.ring.nbytes for _, p in self.programs if p.ring is not None)
 
     @property
     def code_bytes(self) -> int:
@@ -53,6 +65,12 @@ class ApproxReport:
         for u in self.units:
             join = " (2 codes)" if u.store_xh else ""
             lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
+        if any(p.ring_plan is not None for _, p in self.programs):
+            lines.append(f"ring: {self.ring_slots} slots, {self.ring_bytes / 2**20:.2f} MiB held")
+            for what, why in self.ring_kept_out:
+                lines.append(f"  kept out of the ring: {what}: {why}")
+        else:
+            lines.append("ring: off")
         if self.exact:
             lines.append("left exact:")
             lines += [f"  {what}: {why}" for what, why in self.exact]
@@ -79,13 +97,14 @@ class approximate:
     """
 
     def __init__(self, model: nn.Module, bits: int = 4, *, naive: bool = False, backend: str | None = None,
-                 window: float | None = None, positive_fraction: float | None = None, ring: bool = True):
+                 window: float | None = None, positive_fraction: float | None = None, ring: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         kw = {} if positive_fraction is None else {"positive_fraction": positive_fraction}
         self.config = ApproxConfig(bits=bits, naive=naive, backend=backend, window=window, ring=ring, **kw)
         self.model = model
         self._swapped: list = []
+        self._programs: list = []
         self._report: ApproxReport | None = None
 
     # -- context protocol --------------------------------------------------------------------------------
@@ -100,7 +119,7 @@ class approximate:
             )
         device = _model_device(model)
         backend = resolve_backend(self.config.backend, device)
-        self._report = ApproxReport(bits=self.config.bits)
+        self._report = ApproxReport(bits=self.config.bits, programs=self._programs)
         try:
             self._convert(model, "", backend)
         except BaseException:
@@ -111,6 +130,9 @@ class approximate:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore()
+        for _, program in self._programs:
+            if program.ring is not None:
+                program.ring.release()
         _ACTIVE.discard(self.model)
         return False
 
@@ -138,7 +160,11 @@ class approximate:
         rep.coded_pools += [prefix + n.target for n in plan.pools]
         rep.exact += plan.exact
         if plan.units:
-            self._swap(module, Program(module, gm, plan, _signature(module)))
+            program = Program(module, gm, plan, _signature(module), use_ring=self.config.ring)
+            self._programs.append((prefix, program))
+            if program.ring_plan is not None:
+                rep.ring_kept_out += [(name, why) for name, why in program.ring_plan.kept_out]
+            self._swap(module, program)
         elif not prefix:
             rep.exact.append((type(module).__name__, "no BatchNorm2d unit found: the whole model runs exactly"))
         # modules kept as calls because they have hooks: convert their insides separately

@@ -7,6 +7,7 @@ saves the very same tensors, so it is stored once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from tritonact import reference as ref
 from tritonact.config import ApproxConfig
+from tritonact.quant import memory_order
 
 # ----------------------------------------------------------------------------------------------------------
 # codes
@@ -32,14 +34,24 @@ class ActMeta:
     backend: str
     n_tensors: int = 2
 
-    def decode_act(self, tensors, dtype=None) -> torch.Tensor:
+    def decode_act(self, tensors, dtype=None, out=None) -> torch.Tensor:
         data, P = tensors
         dtype = dtype or self.dtype
         if self.backend == "triton":
             from tritonact.kernels.bn_act import decode_act
 
-            return decode_act(data, P, self.bits, self.shape, self.perm, self.act, dtype)
-        return ref.decode_act_ref(data, P, self.bits, self.shape, self.perm, self.act, dtype)
+            a = decode_act(data, P, self.bits, self.shape, self.perm, self.act, dtype)
+            return a if out is None else out.copy_(a)
+        return ref.decode_act_ref(data, P, self.bits, self.shape, self.perm, self.act, dtype, out=out)
+
+    def decode_act_range(self, tensors, n0: int, n1: int, dtype=None) -> torch.Tensor:
+        """The decoded activation of samples ``[n0, n1)`` only."""
+        data, P = tensors
+        per = math.prod(self.shape[1:])
+        if self.perm[0] != 0 or (n0 * per * self.bits) % 8:
+            return self.decode_act(tensors, dtype)[n0:n1]
+        sub = ActMeta(self.bits, (n1 - n0,) + tuple(self.shape[1:]), self.perm, self.dtype, self.act, self.backend)
+        return sub.decode_act((data[n0 * per * self.bits // 8 : (n1 * per * self.bits + 7) // 8], P), dtype)
 
     def decode_value(self, tensors):
         data, P = tensors
@@ -47,7 +59,7 @@ class ActMeta:
             from tritonact.kernels.bn_act import decode_value
 
             return decode_value(data, P, self.bits, self.shape, self.perm)
-        return ref.decode_value_ref(data, P, self.bits, self.shape, self.perm)
+        return ref.decode_value_ref(data, P, self.bits, self.shape, self.perm, self.act)
 
 
 @dataclass(frozen=True)
@@ -73,13 +85,25 @@ class PoolMeta:
     def global_index(self, local: torch.Tensor) -> torch.Tensor:
         return _global_index(local, self.in_shape, self.kernel, self.stride, self.padding, self.dilation)
 
-    def decode_act(self, tensors, dtype=None) -> torch.Tensor:
+    def decode_act(self, tensors, dtype=None, out=None) -> torch.Tensor:
         *parent_tensors, local = tensors
-        a = self.parent.decode_act(parent_tensors, dtype)
-        N, C, H, W = self.in_shape
-        idx = self.global_index(local)
-        out = torch.gather(a.reshape(N, C, H * W), 2, idx.reshape(N, C, -1))
-        return out.view(self.out_shape)
+        a = self.parent.decode_act(parent_tensors, dtype, out=out)
+        return self._gather(a, local, self.in_shape)
+
+    def decode_act_range(self, tensors, n0: int, n1: int, dtype=None) -> torch.Tensor:
+        *parent_tensors, local = tensors
+        a = self.parent.decode_act_range(parent_tensors, n0, n1, dtype)
+        return self._gather(a, local[n0:n1], (n1 - n0,) + tuple(self.in_shape[1:]))
+
+    def _gather(self, a, local, in_shape):
+        N, C, H, W = in_shape
+        out = torch.empty((N,) + tuple(self.out_shape[1:]), dtype=a.dtype, device=a.device)
+        src = a.reshape(N, C, H * W)
+        for n0, n1 in _batch_ranges(N, local[0].numel()):  # int64 indices a few samples at a time
+            idx = _global_index(local[n0:n1], (n1 - n0, C, H, W), self.kernel, self.stride, self.padding,
+                                self.dilation)
+            torch.gather(src[n0:n1], 2, idx.reshape(n1 - n0, C, -1), out=out[n0:n1].view(n1 - n0, C, -1))
+        return out
 
 
 @dataclass
@@ -132,38 +156,71 @@ def _bn_momentum(bn: nn.BatchNorm2d) -> float:
     return eaf
 
 
-def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual):
-    bn = spec.bn
+def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual, out=None):
+    """The unit's forward on the torch backend: BN (the module's own op, so output and running statistics are
+    bit-identical to ``nn.BatchNorm2d``), the residual add and the activation written into ``out`` (a ring slot,
+    or a fresh tensor), and the codes, made a few samples at a time so temporaries stay small."""
+    bn, bits = spec.bn, spec.config.bits
     rm = bn.running_mean if bn.track_running_stats else None
     rv = bn.running_var if bn.track_running_stats else None
-    # The module's own op on y's dtype: output and running statistics bit-identical to nn.BatchNorm2d.
-    z, mean, invstd = torch.native_batch_norm(y, gamma, beta, rm, rv, True, _bn_momentum(bn), bn.eps)
-    y32 = y.float()
-    xh = (y32 - ref.bview(mean, y32)) * ref.bview(invstd, y32)
-    extra = ()
-    if residual is not None:
-        s = z + residual  # the model's own add, same dtype promotion and rounding
-        w, coded = s.float(), "sum"
-        if w.stride() != y.stride():  # codes follow y's memory order
-            w = torch.empty_like(y32).copy_(w)
-        if spec.store_xh:
-            extra = _encode(xh, "none", "xh", spec, gamma, beta)
-        out = ref.apply_act(s, spec.act)
+    eaf = _bn_momentum(bn)
+    out_dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
+    if out is None:
+        out = torch.empty_like(y, dtype=out_dtype)
+    perm = memory_order(y)
+    if out_dtype == y.dtype:
+        C = y.shape[1]
+        mean = torch.empty(C, dtype=torch.float32, device=y.device)
+        invstd = torch.empty_like(mean)
+        torch.ops.aten.native_batch_norm.out(
+            y, gamma, beta, rm, rv, True, eaf, bn.eps, out=out, save_mean=mean, save_invstd=invstd
+        )
+        if residual is not None:
+            out.add_(residual)  # the model's own add, same rounding
     else:
-        w, coded = xh, "xh"
-        out = ref.apply_act(z, spec.act)
-    data, P = _encode(w, spec.act, coded, spec, gamma, beta)
+        z, mean, invstd = torch.native_batch_norm(y, gamma, beta, rm, rv, True, eaf, bn.eps)
+        torch.add(z, residual, out=out)
+        del z
+    # per-channel range of the coded value
+    dims = ref.channel_dims(y)
+    bmean, binv = ref.bview(mean, y), ref.bview(invstd, y)
+    if residual is None or spec.store_xh:  # xh is monotone in y: its range comes from y's
+        xmin = (y.amin(dim=dims).float() - mean) * invstd
+        xmax = (y.amax(dim=dims).float() - mean) * invstd
+        xh_P = lambda act: _params(spec, act, "xh", (xmin, xmax, torch.zeros_like(xmin), torch.ones_like(xmin)),
+                                   gamma, beta)
+    if residual is not None:
+        P = _params(spec, spec.act, "sum", ref.value_stats(out if out.dtype == torch.float32 else out.float(), "sum"),
+                    gamma, beta)
+        extra_P = xh_P("none") if spec.store_xh else None
+    else:
+        P, extra_P = xh_P(spec.act), None
+    data = torch.empty((y.numel() * bits + 7) // 8, dtype=torch.uint8, device=y.device)
+    extra_data = torch.empty_like(data) if extra_P is not None else None
+    for n0, n1, b0, b1 in ref.sample_chunks(tuple(y.shape), perm, bits):
+        if residual is None or spec.store_xh:
+            xh = y[n0:n1].float().sub_(bmean).mul_(binv) if y.dtype != torch.float32 else (y[n0:n1] - bmean).mul_(binv)
+        if residual is None:
+            data[b0:b1] = ref.encode_ref(xh, P, bits, spec.act)
+        else:
+            data[b0:b1] = ref.encode_ref(out[n0:n1].float(), P, bits, spec.act)
+            if extra_data is not None:
+                extra_data[b0:b1] = ref.encode_ref(xh, extra_P, bits, "none")
+    if spec.act == "relu":
+        out.relu_()
+    elif spec.act == "relu6":
+        out.clamp_(0.0, 6.0)
+    extra = (extra_data, extra_P) if extra_data is not None else ()
     return out, data, P, invstd, extra
 
 
-def _encode(w, act, coded, spec, gamma, beta):
+def _params(spec, act, coded, stats, gamma, beta):
     cfg = spec.config
-    wmin, wmax, wmean, wstd = ref.value_stats(w, coded)
-    P = ref.code_params(
+    wmin, wmax, wmean, wstd = stats
+    return ref.code_params(
         bits=cfg.bits, act=act, wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, gamma=gamma, beta=beta,
         coded=coded, window=cfg.effective_window, positive_fraction=cfg.positive_fraction,
     )
-    return ref.encode_ref(w, P, cfg.bits), P
 
 
 class _BNActFn(torch.autograd.Function):
@@ -173,12 +230,12 @@ class _BNActFn(torch.autograd.Function):
             if spec.backend == "triton":
                 from tritonact.kernels.bn_act import unit_forward
 
-                out, data, P, invstd, extra = unit_forward(spec, y, gamma, beta, residual)
+                out, data, P, invstd, extra = unit_forward(spec, y, gamma, beta, residual, out=box.out)
             else:
-                out, data, P, invstd, extra = _unit_forward_torch(spec, y, gamma, beta, residual)
-        meta = ActMeta(spec.config.bits, tuple(y.shape), _perm(y), y.dtype, spec.act, spec.backend)
+                out, data, P, invstd, extra = _unit_forward_torch(spec, y, gamma, beta, residual, box.out)
+        meta = ActMeta(spec.config.bits, tuple(y.shape), memory_order(y), y.dtype, spec.act, spec.backend)
         if spec.config.naive:
-            out = meta.decode_act((data, P))
+            out = meta.decode_act((data, P), out.dtype, out=out)
         box.tensors = (data, P)
         box.meta = meta
         saved_res = ()
@@ -205,7 +262,11 @@ class _BNActFn(torch.autograd.Function):
             if ctx.res_mode == "xh":
                 xh_code = tuple(extra)
             elif ctx.res_mode == "code":
-                residual = ctx.res_meta.decode_act(tuple(saved_res), torch.float32)
+                res_meta, res_tensors = ctx.res_meta, tuple(saved_res)
+                if meta.backend == "triton":
+                    residual = res_meta.decode_act(res_tensors, torch.float32)
+                else:  # decoded a few samples at a time, inside the chunked backward
+                    residual = lambda n0, n1: res_meta.decode_act_range(res_tensors, n0, n1, torch.float32)
             elif ctx.res_mode == "exact":
                 residual = saved_res[0]
             args = (g, data, P, meta.bits, meta.shape, meta.perm, meta.act, gamma, beta, invstd, residual, xh_code)
@@ -226,20 +287,16 @@ class _BNActFn(torch.autograd.Function):
         )
 
 
-def _perm(x):
-    from tritonact.quant import memory_order
-
-    return memory_order(x)
-
-
-def bn_act(spec: UnitSpec, y, residual=None, res_code: Code | None = None):
+def bn_act(spec: UnitSpec, y, residual=None, res_code: Code | None = None, ring=None, slot=None):
     """Run one unit. Returns ``(output, Code | None)``; the exact module path (no code) where the unit does not
-    apply at run time (BN in eval mode, no autograd, an unexpected shape)."""
+    apply at run time (BN in eval mode, no autograd, an unexpected shape). With a ``ring`` and a ``slot`` the
+    output is written into that ring slot."""
     bn = spec.bn
     if (
         not bn.training
         or not torch.is_grad_enabled()
         or y.dim() != 4
+        or y.numel() == y.shape[1]  # one value per channel: the module raises its own error
         or (residual is not None and residual.shape != y.shape)
     ):
         z = bn(y)
@@ -248,7 +305,13 @@ def bn_act(spec: UnitSpec, y, residual=None, res_code: Code | None = None):
         return ref.apply_act(z, spec.act), None
     gamma = bn.weight if bn.weight is not None else torch.ones(y.shape[1], device=y.device)
     beta = bn.bias if bn.bias is not None else torch.zeros(y.shape[1], device=y.device)
+    if y.dim() == 4 and not y.permute(memory_order(y)).is_contiguous():
+        y = y.contiguous()
     box = _Box()
+    box.out = None
+    if ring is not None and slot is not None:
+        dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
+        box.out = ring.like(slot, y, dtype)
     res_meta, res_tensors = (res_code.meta, res_code.tensors) if res_code is not None else (None, ())
     out = _BNActFn.apply(spec, box, res_meta, y, gamma, beta, residual, *res_tensors)
     code = Code(box.meta, box.tensors)
@@ -263,9 +326,10 @@ def bn_act(spec: UnitSpec, y, residual=None, res_code: Code | None = None):
 
 class _ConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, conv, meta, x, weight, bias, *code_tensors):
+    def forward(ctx, conv, meta, ring, x, weight, bias, *code_tensors):
         out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        ctx.conv, ctx.meta = conv, meta
+        ctx.conv, ctx.meta, ctx.ring = conv, meta, ring
+        ctx.x_shape, ctx.x_perm = tuple(x.shape), memory_order(x)
         ctx.compute_dtype, ctx.x_dtype = out.dtype, x.dtype
         ctx.bias_sizes = [bias.shape[0]] if bias is not None else None
         ctx.save_for_backward(weight, *code_tensors)
@@ -275,17 +339,21 @@ class _ConvFn(torch.autograd.Function):
     def backward(ctx, g):
         weight, *code_tensors = ctx.saved_tensors
         conv, dt = ctx.conv, ctx.compute_dtype
-        a = ctx.meta.decode_act(tuple(code_tensors), dt)
+        scratch = None
+        if ctx.ring is not None and isinstance(ctx.meta, ActMeta):  # decoded input lives in the ring's scratch
+            # slot 0: every forward activation in the ring is dead once the backward runs
+            scratch = ctx.ring.take(0, ctx.x_shape, ctx.x_perm, dt, g.device)
+        a = ctx.meta.decode_act(tuple(code_tensors), dt, out=scratch)
         need = ctx.needs_input_grad
         gi, gw, gb = torch.ops.aten.convolution_backward(
             g.to(dt), a, weight.to(dt), ctx.bias_sizes, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0, 0], conv.groups, [need[2], need[3], bool(need[4])],
+            list(conv.dilation), False, [0, 0], conv.groups, [need[3], need[4], bool(need[5])],
         )
         return (
-            None, None,
+            None, None, None,
             gi.to(ctx.x_dtype) if gi is not None else None,
             gw.to(weight.dtype) if gw is not None else None,
-            gb if need[4] else None,
+            gb if need[5] else None,
             *([None] * len(code_tensors)),
         )
 
@@ -301,10 +369,10 @@ def conv_eligible(conv: nn.Module) -> str | None:
     return None
 
 
-def conv_coded(conv: nn.Conv2d, x, code: Code | None):
+def conv_coded(conv: nn.Conv2d, x, code: Code | None, ring=None):
     if code is None or not torch.is_grad_enabled() or x.dim() != 4:
         return conv(x)
-    return _ConvFn.apply(conv, code.meta, x, conv.weight, conv.bias, *code.tensors)
+    return _ConvFn.apply(conv, code.meta, ring, x, conv.weight, conv.bias, *code.tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,6 +381,11 @@ def conv_coded(conv: nn.Conv2d, x, code: Code | None):
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _batch_ranges(N: int, per_sample: int, target: int = 1 << 18):
+    k = max(1, target // max(per_sample, 1))
+    return [(n0, min(N, n0 + k)) for n0 in range(0, N, k)]
 
 
 def _global_index(local, in_shape, kernel, stride, padding, dilation):
@@ -355,9 +428,11 @@ class _MaxPoolFn(torch.autograd.Function):
         (local,) = ctx.saved_tensors
         kernel, stride, padding, dilation, _ = ctx.geom
         N, C, H, W = ctx.in_shape
-        idx = _global_index(local, ctx.in_shape, kernel, stride, padding, dilation)
         gi = torch.zeros(N, C, H * W, dtype=g.dtype, device=g.device)
-        gi.scatter_add_(2, idx.reshape(N, C, -1), g.reshape(N, C, -1))
+        for n0, n1 in _batch_ranges(N, C * local.shape[-1] * local.shape[-2]):  # int64 indices a few at a time
+            sub = (n1 - n0, C, H, W)
+            idx = _global_index(local[n0:n1], sub, kernel, stride, padding, dilation)
+            gi[n0:n1].scatter_add_(2, idx.reshape(n1 - n0, C, -1), g[n0:n1].reshape(n1 - n0, C, -1))
         gi = gi.view(N, C, H, W)
         if ctx.cl:
             gi = gi.contiguous(memory_format=torch.channels_last)

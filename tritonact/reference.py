@@ -153,48 +153,92 @@ def _rows(P: torch.Tensor, shape_b) -> dict[str, torch.Tensor]:
     return {name: P[i].view(shape_b) for i, name in enumerate(ROWS)}
 
 
-def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packed codes of ``w`` (fp32, any dense layout; channel dim 1) under the grid ``P``."""
+def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = None) -> torch.Tensor:
+    """Packed codes of ``w`` (fp32, any dense layout; channel dim 1) under the grid ``P``.
+
+    The formula of the module docstring, op for op (in place where it can be, so the CPU path makes few
+    full-size temporaries). ``act`` other than ``"relu6"`` (or None) lets it skip the saturation test,
+    which cannot fire for such grids.
+    """
     perm = memory_order(w)
     wp = w.permute(perm)
     p = _rows(P, _channel_view_shape(wp.shape, perm))
     L1 = float((1 << bits) - 1)
-    v = (wp - p["o"]) * p["sgn"]
-    qp = p["nneg"] + torch.minimum(torch.floor(v * p["rdp"]), p["qtop"] - p["nneg"])
-    qn = p["nneg"] - 1.0 - torch.minimum(torch.floor(-v * p["rdn"]), p["nneg"] - 1.0)
-    q = torch.where(v > 0, qp, qn)
-    q = torch.where(v >= p["vhi"], L1, q)
-    q = torch.clamp(q, 0.0, L1)
-    q = torch.where(torch.isnan(v), 0.0, q)
+    v = wp - p["o"]
+    v.mul_(p["sgn"])
+    pos = v > 0
+    q = torch.mul(v, p["rdp"]).floor_()
+    torch.minimum(q, p["qtop"] - p["nneg"], out=q)
+    q.add_(p["nneg"])  # positive grid
+    qn = torch.mul(v, p["rdn"]).neg_().floor_()
+    torch.minimum(qn, p["nneg"] - 1.0, out=qn)
+    qn.neg_().add_(p["nneg"] - 1.0)  # negative grid: (nneg - 1) - min(floor(-v * rdn), nneg - 1)
+    torch.where(pos, q, qn, out=q)
+    del qn, pos
+    if act in (None, "relu6"):
+        q.masked_fill_(v >= p["vhi"], L1)
+    q.clamp_(0.0, L1).nan_to_num_(nan=0.0)  # only a NaN w gives a NaN q here
     return pack_codes(q.to(torch.uint8), bits)
 
 
-def _decode_v(data, P, bits, shape, perm):
+def _decode_v(data, P, bits, shape, perm, act=None, into=None):
     perm_shape = [shape[d] for d in perm]
-    q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape).float()
+    q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape)
     p = _rows(P, _channel_view_shape(perm_shape, perm))
-    pos = q >= p["nneg"]
-    sat = q > p["qtop"]
-    v = (q - p["nneg"] + 0.5) * torch.where(pos, p["dp"], p["dn"])
-    v = torch.where(sat, p["vhi"], v)
-    return v, pos & ~sat, p
+    v = q.float() if into is None else into.copy_(q)
+    pos = v >= p["nneg"]
+    step = torch.where(pos, p["dp"], p["dn"])
+    mask = pos
+    if act in (None, "relu6"):
+        sat = v > p["qtop"]
+        v.sub_(p["nneg"]).add_(0.5).mul_(step)
+        torch.where(sat, p["vhi"], v, out=v)
+        mask = pos & ~sat
+    else:
+        v.sub_(p["nneg"]).add_(0.5).mul_(step)
+    return v, mask, p
 
 
-def decode_value_ref(data, P, bits, shape, perm) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_value_ref(data, P, bits, shape, perm, act=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w~, mask)`` in fp32 / bool, logical shape (memory format of the original)."""
-    v, mask, p = _decode_v(data, P, bits, shape, perm)
-    w = p["o"] + p["sgn"] * v
+    v, mask, p = _decode_v(data, P, bits, shape, perm, act)
+    w = v.mul_(p["sgn"]).add_(p["o"])
     inv = _inverse(perm)
     return w.permute(inv), mask.permute(inv)
 
 
-def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype) -> torch.Tensor:
-    """The approximate activation ``a~ = A * f(v~) + B`` that the unit's consumers computed from, in ``dtype``."""
-    v, _, p = _decode_v(data, P, bits, shape, perm)
+def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype, out=None) -> torch.Tensor:
+    """The approximate activation ``a~ = A * f(v~) + B`` that the unit's consumers computed from, in ``dtype``.
+
+    ``out``: optional dense buffer of that shape, memory order and dtype to decode into (a ring slot)."""
+    into = out.permute(perm) if (out is not None and out.dtype == torch.float32) else None
+    v, _, p = _decode_v(data, P, bits, shape, perm, act, into)
     if act != "none":
-        v = torch.clamp(v, min=0.0)
-    a = p["A"] * v + p["B"]
-    return a.to(dtype).permute(_inverse(perm))
+        v.clamp_(min=0.0)
+    a = v.mul_(p["A"]).add_(p["B"]).permute(_inverse(perm))
+    if out is None:
+        return a.to(dtype)
+    if into is None:
+        out.copy_(a)
+    return out
+
+
+def sample_chunks(shape, perm, bits: int, target: int = 1 << 20):
+    """Split the batch (dim 0) into ranges of about ``target`` elements whose codes start on a byte boundary.
+
+    Yields ``(n0, n1, b0, b1)``: samples and the byte range of their codes. A single range when the batch is
+    not the outermost dim in memory."""
+    N = shape[0]
+    per = math.prod(shape[1:])
+    if not perm or perm[0] != 0 or N <= 1:
+        yield 0, N, 0, (N * per * bits + 7) // 8
+        return
+    k = max(1, target // max(per, 1))
+    if (per * bits) % 8:
+        k = max(4, k - k % 4)  # 4 samples always end on a byte for bits >= 2
+    for n0 in range(0, N, k):
+        n1 = min(N, n0 + k)
+        yield n0, n1, n0 * per * bits // 8, (n1 * per * bits + 7) // 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,22 +275,62 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
         act: ``"relu"`` | ``"relu6"`` | ``"none"``.
         gamma, beta, invstd: fp32 ``(C,)``.
         residual: for a join whose BN value is recovered from the sum: the residual as the join saw it
-            (decoded from its own code, or exact), any float dtype; else None.
+            (decoded from its own code, or exact), any float dtype, or a callable ``(n0, n1) -> tensor`` giving
+            it for a range of samples; else None.
         xh_code: for a join that stores the BN value as a second code: ``(data, P)`` of it (act "none").
 
     Returns:
         ``(g_y, g_gamma, g_beta, g_residual)`` in fp32; ``g_residual`` is None without a residual.
+
+    Works through the batch in chunks (:func:`sample_chunks`), decoding each twice (once for the per-channel
+    sums, once for the input gradient), so its temporaries stay a fraction of the activation's size.
     """
-    w, mask = decode_value_ref(data, P, bits, shape, perm)
-    g32 = g.float()
-    g_z = g32 * mask if act != "none" else g32
     joined = residual is not None or xh_code is not None
-    if xh_code is not None:
-        xh = decode_value_ref(xh_code[0], xh_code[1], bits, shape, perm)[0]
-    elif residual is not None:
-        g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-        xh = (w - residual.float() - bview(beta, w)) / bview(g_safe, w)
-    else:
-        xh = w
-    g_y, g_gamma, g_beta = bn_backward_ref(g_z, xh, gamma, invstd)
-    return g_y, g_gamma, g_beta, (g_z if joined else None)
+    g_z_all = torch.empty(g.shape, dtype=torch.float32, device=g.device).as_strided(g.shape, _dense_strides(g))
+    g_y = torch.empty_like(g_z_all) if joined else g_z_all  # non-joins compute g_y in place of g_z
+    C = shape[1]
+    sum_gz = torch.zeros(C, dtype=torch.float32, device=g.device)
+    sum_gzxh = torch.zeros_like(sum_gz)
+    g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+
+    def xh_of(n0, n1, b0, b1, w):
+        sub = (n1 - n0,) + tuple(shape[1:])
+        if xh_code is not None:
+            return decode_value_ref(xh_code[0][b0:b1], xh_code[1], bits, sub, perm, "none")[0]
+        if residual is not None:  # xh = (s - r - beta) / gamma
+            r = residual(n0, n1) if callable(residual) else residual[n0:n1]
+            return w.sub_(r).sub_(bview(beta, w)).div_(bview(g_safe, w))
+        return w
+
+    chunks = list(sample_chunks(shape, perm, bits))
+    dims = channel_dims(g)
+    for n0, n1, b0, b1 in chunks:
+        sub = (n1 - n0,) + tuple(shape[1:])
+        w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act)
+        g_z = g_z_all[n0:n1]
+        g_z.copy_(g[n0:n1])
+        if act != "none":
+            g_z.mul_(mask)
+        sum_gz += g_z.sum(dim=dims)
+        sum_gzxh += (g_z * xh_of(n0, n1, b0, b1, w)).sum(dim=dims)
+    M = g.numel() // C
+    k = bview(gamma * invstd, g_z_all)
+    mean_gz, mean_gzxh = bview(sum_gz / M, g_z_all), bview(sum_gzxh / M, g_z_all)
+    for n0, n1, b0, b1 in chunks:
+        sub = (n1 - n0,) + tuple(shape[1:])
+        xh = xh_of(n0, n1, b0, b1, decode_value_ref(data[b0:b1], P, bits, sub, perm, act)[0])
+        # g_y = gamma * invstd * (g_z - mean(g_z) - xh * mean(g_z * xh))
+        torch.sub(g_z_all[n0:n1], mean_gz, out=g_y[n0:n1])
+        g_y[n0:n1].sub_(xh.mul_(mean_gzxh)).mul_(k)
+    return g_y, sum_gzxh, sum_gz, (g_z_all if joined else None)
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor with ``t``'s shape and memory order."""
+    perm = memory_order(t)
+    strides = [0] * t.dim()
+    acc = 1
+    for d in reversed(perm):
+        strides[d] = acc
+        acc *= t.shape[d]
+    return tuple(strides)

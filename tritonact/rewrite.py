@@ -19,6 +19,7 @@ from torch.fx.node import map_arg
 
 from tritonact import ops
 from tritonact.config import ApproxConfig
+from tritonact.ring import Ring, schedule
 
 # A residual join whose BN has |gamma| below this at entry stores the BN value as a second code instead of
 # recovering it from the sum's code (the recovery divides by gamma; zero_init_residual starts at exactly 0).
@@ -168,7 +169,8 @@ def _describe(node: fx.Node, prefix: str) -> str:
 class Program:
     """Runs a traced graph with the plan's fused ops, dropping each value after its last use."""
 
-    def __init__(self, root: nn.Module, gm: fx.GraphModule, plan: Plan, signature: inspect.Signature):
+    def __init__(self, root: nn.Module, gm: fx.GraphModule, plan: Plan, signature: inspect.Signature,
+                 use_ring: bool | None = None):
         self.root, self.plan, self.signature = root, plan, signature
         self.modules = dict(gm.named_modules())
         self.steps = []
@@ -207,6 +209,10 @@ class Program:
         self.frees = [[] for _ in self.steps]
         for n, i in last.items():
             self.frees[i].append(n)
+        self.last_use = last
+        self.use_ring = use_ring  # None: on for CUDA inputs only
+        self.ring_plan = schedule(self.steps, last, plan, self.modules) if use_ring is not False else None
+        self.ring = Ring(self.ring_plan.nslots) if self.ring_plan is not None else None
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -217,15 +223,22 @@ class Program:
             env[ph] = bound.arguments[ph.target.lstrip("*")]
         get = env.__getitem__
         result = None
+        ring = self.ring
+        if ring is not None and self.use_ring is None:
+            first = next((v for v in env.values() if isinstance(v, torch.Tensor)), None)
+            if first is None or first.device.type != "cuda":
+                ring = None
         for (kind, node, extra), frees in zip(self.steps, self.frees):
             if kind == "unit":
                 spec, y, res = extra
-                out, code = ops.bn_act(spec, env[y], env[res] if res is not None else None, codes.get(res))
+                slot = self.ring_plan.slot_of.get(node) if ring is not None else None
+                out, code = ops.bn_act(spec, env[y], env[res] if res is not None else None, codes.get(res),
+                                       ring, slot)
                 env[node] = out
                 if code is not None:
                     codes[node] = code
             elif kind == "conv":
-                env[node] = ops.conv_coded(extra, env[node.args[0]], codes.get(node.args[0]))
+                env[node] = ops.conv_coded(extra, env[node.args[0]], codes.get(node.args[0]), ring)
             elif kind == "pool":
                 out, code = ops.maxpool_coded(extra, env[node.args[0]], codes.get(node.args[0]))
                 env[node] = out
