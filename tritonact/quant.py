@@ -191,9 +191,11 @@ def unpack_codes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per = 8 // bits
     if per == 1:
         return data[:n]
-    shifts = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
     mask = (1 << bits) - 1
-    return ((data.view(-1, 1) >> shifts) & mask).reshape(-1)[:n]
+    out = torch.empty(data.numel(), per, dtype=torch.uint8, device=data.device)
+    for j in range(per):
+        torch.bitwise_and(data >> (j * bits) if j else data, mask, out=out[:, j])
+    return out.view(-1)[:n]
 
 
 def _quantize_torch(x, bits, lo, rstep, perm) -> torch.Tensor:

@@ -304,6 +304,7 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
 
     chunks = list(sample_chunks(shape, perm, bits))
     dims = channel_dims(g)
+    kept_xh = None  # with a single chunk, the decoded value is kept for the second pass instead of decoded again
     for n0, n1, b0, b1 in chunks:
         sub = (n1 - n0,) + tuple(shape[1:])
         w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act)
@@ -312,13 +313,19 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
         if act != "none":
             g_z.mul_(mask)
         sum_gz += g_z.sum(dim=dims)
-        sum_gzxh += (g_z * xh_of(n0, n1, b0, b1, w)).sum(dim=dims)
+        xh = xh_of(n0, n1, b0, b1, w)
+        sum_gzxh += (g_z * xh).sum(dim=dims)
+        if len(chunks) == 1:
+            kept_xh = xh
     M = g.numel() // C
     k = bview(gamma * invstd, g_z_all)
     mean_gz, mean_gzxh = bview(sum_gz / M, g_z_all), bview(sum_gzxh / M, g_z_all)
     for n0, n1, b0, b1 in chunks:
         sub = (n1 - n0,) + tuple(shape[1:])
-        xh = xh_of(n0, n1, b0, b1, decode_value_ref(data[b0:b1], P, bits, sub, perm, act)[0])
+        if kept_xh is not None:
+            xh = kept_xh
+        else:
+            xh = xh_of(n0, n1, b0, b1, decode_value_ref(data[b0:b1], P, bits, sub, perm, act)[0])
         # g_y = gamma * invstd * (g_z - mean(g_z) - xh * mean(g_z * xh))
         torch.sub(g_z_all[n0:n1], mean_gz, out=g_y[n0:n1])
         g_y[n0:n1].sub_(xh.mul_(mean_gzxh)).mul_(k)
