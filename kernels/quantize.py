@@ -80,7 +80,7 @@ def quantize_forward(x: torch.Tensor, lo: torch.Tensor, rstep: torch.Tensor, bit
     cfg = launch_config("quantize", bits=bits, numel=numel)
     _quantize_fwd_kernel[_grid(nbytes, cfg["BLOCK"])](
         out, x, lo, rstep, numel, nbytes, inner, x.shape[1], BITS=bits, BLOCK=cfg["BLOCK"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )
     return out
 
@@ -96,5 +96,6 @@ def dequantize_forward(out: torch.Tensor, data: torch.Tensor, lo: torch.Tensor, 
     C = lo.numel()
     _dequantize_fwd_kernel[_grid(nbytes, cfg["BLOCK"])](
         out, data, lo, step, numel, nbytes, inner, C, BITS=bits, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+        enable_fp_fusion=False,  # lo + (q + 0.5) * step rounded op by op, like torch (no FMA on the GPU)
     )
     return out
