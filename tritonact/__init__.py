@@ -2,6 +2,7 @@
 
 from tritonact.approx import ApproxReport, approximate
 from tritonact.config import ApproxConfig
+from tritonact.memory import SavedTensorCounter, activation_bytes_per_sample, peak_memory
 from tritonact.quant import PackedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
@@ -15,4 +16,8 @@ __all__ = [
     "PackedTensor",
     "quantize",
     "dequantize",
+    # memory
+    "SavedTensorCounter",
+    "activation_bytes_per_sample",
+    "peak_memory",
 ]

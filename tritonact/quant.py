@@ -174,16 +174,18 @@ def _channel_view_shape(x_perm_shape, perm) -> list[int]:
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a flat uint8 tensor of codes (each < 2**bits) into ``ceil(n * bits / 8)`` bytes, LSB first."""
     per = 8 // bits
-    n = q.numel()
-    if per == 1:
-        return q.reshape(-1)
-    pad = (-n) % per
     q = q.reshape(-1)
+    if per == 1:
+        return q
+    n = q.numel()
+    pad = (-n) % per
     if pad:
         q = torch.cat([q, q.new_zeros(pad)])
-    q = q.view(-1, per).to(torch.int32)
-    shifts = torch.arange(0, 8, bits, device=q.device, dtype=torch.int32)
-    return (q << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    q = q.view(-1, per)
+    out = q[:, 0].clone()
+    for j in range(1, per):  # uint8 shifts and ors: no wider temporaries
+        out.bitwise_or_(q[:, j] << (j * bits))
+    return out
 
 
 def unpack_codes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
