@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -84,7 +85,22 @@ def bucketed(**key) -> dict:
     return {k: (size_bucket(v) if k in ("numel", "spatial") else v) for k, v in key.items()}
 
 
+_FORCED: dict[str, dict] = {}
+
+
+@contextmanager
+def forced_config(kernel: str, config: dict):
+    """Launch ``kernel`` with ``config`` inside the block (``tritonact autotune`` times candidates this way)."""
+    _FORCED[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        _FORCED.pop(kernel, None)
+
+
 def launch_config(kernel: str, **key) -> dict:
     """The config to launch ``kernel`` with. ``key`` holds the dims that change the best choice (never batch)."""
+    if kernel in _FORCED:
+        return dict(_FORCED[kernel])
     tuned = _tuned().get(tuning_key(kernel, **bucketed(**key)))
     return dict(tuned) if tuned else default_config(kernel, **key)

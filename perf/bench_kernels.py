@@ -1,36 +1,56 @@
-"""Kernel throughput: quantize / dequantize (torch backend on CPU, Triton on GPU)."""
+"""Kernel throughput: quantize / dequantize, the fused BN+ReLU unit forward and backward, and decoding.
+
+On a GPU the Triton launchers of ``tritonact.kernels`` run (``bn_stats`` and ``bn_act_fwd`` are the two passes of
+``unit_forward``, timed on their own too); on CPU the torch path. Each records ``GB/s``: the bytes the op must move
+(formulas in perf/_workloads.py, e.g. ``unit_backward``: ``2*(N*e + K) + N*e`` for ``N`` elements of ``e`` bytes and
+``K`` bytes of codes) over the median time, and ``peak_mib``: what one call allocates (outputs and temporaries).
+Compare the GB/s with the device's copy bandwidth (perf/gpu_report.py measures both).
+"""
+
+import os
 
 import pytest
 import torch
 
-import tritonact
-from perf._util import record_bandwidth, synced
+from perf._util import bench_call
+from perf._workloads import GPU_ONLY, kernel_case
 
-FULL = (64, 256, 56, 56)
+FULL_GPU = (64, 256, 56, 56)  # 205 MB of fp32: well beyond any L2
+FULL_CPU = (16, 256, 56, 56)  # 51 MB of fp32: beyond the caches, and a full CPU run stays within minutes
 SMOKE = (2, 8, 7, 7)
 
-
-@pytest.fixture
-def activation(smoke, device):
-    shape = SMOKE if smoke else FULL
-    x = torch.randn(shape, device=device)
-    C = shape[1]
-    return x, torch.full((C,), -3.0, device=device), torch.full((C,), 6.0 / 16, device=device)
+CASES = [(k, b) for k in ("quantize", "dequantize", "unit_forward", "unit_backward") for b in (8, 4, 2)]
+CASES += [("decode_act", 4), ("bn_stats", 4), ("bn_act_fwd", 4)]
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-def test_quantize(benchmark, activation, bits, device):
-    x, lo, step = activation
-    benchmark.group = f"quantize-{tuple(x.shape)}"
-    p = benchmark(synced(lambda: tritonact.quantize(x, bits, lo, step), device))
-    record_bandwidth(benchmark, x.numel() * x.element_size() + p.data.numel())
+def _shape(smoke, device):
+    return SMOKE if smoke else (FULL_GPU if device == "cuda" else FULL_CPU)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-def test_dequantize(benchmark, activation, bits, device):
-    x, lo, step = activation
-    p = tritonact.quantize(x, bits, lo, step)
-    benchmark.group = f"dequantize-{tuple(x.shape)}"
-    y = benchmark(synced(lambda: tritonact.dequantize(p), device))
-    assert y.shape == x.shape
-    record_bandwidth(benchmark, x.numel() * x.element_size() + p.data.numel())
+def _skip_if_interpreted(smoke, device):
+    if device == "cuda" and not smoke and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1: these would be the interpreter's timings (run `pytest perf` on its own)")
+
+
+@pytest.mark.parametrize("kernel,bits", CASES, ids=[f"{k}-{b}bit" for k, b in CASES])
+def test_kernel(benchmark, kernel, bits, smoke, device):
+    if kernel in GPU_ONLY and device != "cuda":
+        pytest.skip(f"{kernel} is a Triton launcher (GPU only); the CPU path is timed whole in unit_forward")
+    _skip_if_interpreted(smoke, device)
+    shape = _shape(smoke, device)
+    case = kernel_case(kernel, bits, shape, device)
+    benchmark.group = f"kernel {kernel} {'x'.join(map(str, shape))} {device}"
+    benchmark.extra_info.update(kernel=kernel, bits=bits, shape=list(shape), dtype=str(case.dtype))
+    bench_call(benchmark, case.fn, device, case.nbytes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 channels_last kernels: GPU only")
+@pytest.mark.parametrize("kernel", ["unit_forward", "unit_backward"])
+def test_kernel_bf16_channels_last(benchmark, kernel, smoke, device):
+    """The layout and dtype of mixed-precision training (autocast, channels_last)."""
+    _skip_if_interpreted(smoke, device)
+    shape = _shape(smoke, device)
+    case = kernel_case(kernel, 4, shape, device, dtype=torch.bfloat16, channels_last=True)
+    benchmark.group = f"kernel {kernel} {'x'.join(map(str, shape))} bf16-cl {device}"
+    benchmark.extra_info.update(kernel=kernel, bits=4, shape=list(shape), dtype="bfloat16", channels_last=True)
+    bench_call(benchmark, case.fn, device, case.nbytes)

@@ -91,11 +91,84 @@ def _build_dequantize(config: dict, problem: dict, device) -> Callable[[], objec
 
 
 # ----------------------------------------------------------------------------------------------------------
-# REGISTRY: every kernel `tritonact autotune` tunes, by its name in kernels/_config.py. Add the BatchNorm
-# kernels of kernels/bn_act.py here ("bn_stats", "bn_fwd", "bn_bwd_reduce", "bn_bwd") as Tunable entries.
+# fused BN + activation (kernels/bn_act.py): the launchers are timed whole, with the tuned kernel's config forced
+# through kernels._config.forced_config (the launchers allocate their outputs; the same for every candidate).
+
+# resnet50's BN inputs per sample (channels, spatial side), NCHW and channels_last (inner = 1)
+_BN_SHAPES = ((64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7))
+_BN_SHAPES_QUICK = ((64, 56), (512, 28), (2048, 7))
+
+
+def _bn_problems(quick: bool) -> list[dict]:
+    shapes = _BN_SHAPES_QUICK if quick else _BN_SHAPES
+    return [{"shape": (32, c, s, s), "bits": bits, "channels_last": cl}
+            for c, s in shapes for bits in (8, 4, 2) for cl in (False, True)]
+
+
+def _bn_key(kernel: str) -> Callable[[dict], dict]:
+    from tritonact.kernels._config import size_bucket
+
+    def key(problem: dict) -> dict:
+        _, C, H, W = problem["shape"]
+        spatial = 1 if problem["channels_last"] else H * W
+        if kernel == "bn_stats":
+            return {"spatial": spatial, "channels": size_bucket(C)}
+        if kernel in ("bn_bwd_reduce", "bn_bwd"):
+            return {"spatial": spatial, "channels": size_bucket(C), "bits": problem["bits"]}
+        return {"spatial": spatial, "bits": problem["bits"]}
+
+    return key
+
+
+def _bn_unit(problem: dict, device):
+    from tritonact import reference as ref
+    from tritonact.quant import memory_order
+
+    y = torch.randn(problem["shape"], device=device)
+    if problem["channels_last"]:
+        y = y.contiguous(memory_format=torch.channels_last)
+    C, bits = y.shape[1], problem["bits"]
+    gamma, beta = torch.ones(C, device=device), torch.zeros(C, device=device)
+    mean, invstd = torch.zeros(C, device=device), torch.ones(C, device=device)
+    P = ref.code_params(bits=bits, act="relu", wmin=torch.full((C,), -4.0, device=device),
+                        wmax=torch.full((C,), 4.0, device=device), wmean=mean, wstd=invstd, gamma=gamma, beta=beta,
+                        coded="xh", window=4.0, positive_fraction=0.75)
+    return y, gamma, beta, mean, invstd, P, bits, memory_order(y)
+
+
+def _build_bn(kernel: str) -> Callable[[dict, dict, torch.device], Callable[[], object]]:
+    def build(config: dict, problem: dict, device) -> Callable[[], object]:
+        from tritonact.kernels import bn_act
+        from tritonact.kernels._config import forced_config
+
+        y, gamma, beta, mean, invstd, P, bits, perm = _bn_unit(problem, device)
+        data = bn_act.bn_act_forward(y, None, mean, invstd, gamma, beta, P, None, bits, "relu")[1]
+        if kernel == "bn_stats":
+            call = lambda: bn_act.bn_stats_forward(y)
+        elif kernel == "bn_fwd":
+            call = lambda: bn_act.bn_act_forward(y, None, mean, invstd, gamma, beta, P, None, bits, "relu")
+        elif kernel == "bn_decode":
+            call = lambda: bn_act.decode_act(data, P, bits, tuple(y.shape), perm, "relu", torch.float32)
+        else:
+            g = torch.randn_like(y)
+            call = lambda: bn_act.unit_backward(g, data, P, bits, tuple(y.shape), perm, "relu", gamma, beta, invstd)
+
+        def fn():
+            with forced_config(kernel, config):
+                return call()
+
+        return fn
+
+    return build
+
+
+# ----------------------------------------------------------------------------------------------------------
+# REGISTRY: every kernel `tritonact autotune` tunes, by its name in kernels/_config.py.
 REGISTRY: dict[str, Tunable] = {
     "quantize": Tunable("quantize", _quant_problems, _quant_key, _build_quantize),
     "dequantize": Tunable("dequantize", _quant_problems, _quant_key, _build_dequantize),
+    **{k: Tunable(k, _bn_problems, _bn_key(k), _build_bn(k))
+       for k in ("bn_stats", "bn_fwd", "bn_decode", "bn_bwd_reduce", "bn_bwd")},
 }
 
 
