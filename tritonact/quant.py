@@ -203,17 +203,17 @@ def unpack_codes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def _quantize_torch(x, bits, lo, rstep, perm) -> torch.Tensor:
     xp = x.permute(perm)
     shape_b = _channel_view_shape(xp.shape, perm)
-    t = (xp.float() - lo.view(shape_b)) * rstep.view(shape_b)
-    q = torch.floor(t).clamp_(0, (1 << bits) - 1)
-    q = torch.where(torch.isnan(t), float(NAN_CODE), q)
-    return pack_codes(q.to(torch.uint8), bits)
+    # the contract's ops in order, in place on one fp32 temporary
+    t = torch.sub(xp, lo.view(shape_b)) if xp.dtype == torch.float32 else xp.float().sub_(lo.view(shape_b))
+    t.mul_(rstep.view(shape_b)).floor_().clamp_(0, (1 << bits) - 1).nan_to_num_(nan=float(NAN_CODE))
+    return pack_codes(t.to(torch.uint8), bits)
 
 
 def _dequantize_torch(p: PackedTensor) -> torch.Tensor:
     perm_shape = [p.shape[d] for d in p.perm]
     q = unpack_codes(p.data, p.bits, p.numel).view(perm_shape)
     shape_b = _channel_view_shape(perm_shape, p.perm)
-    v = p.lo.view(shape_b) + (q.float() + 0.5) * p.step.view(shape_b)
+    v = q.float().add_(0.5).mul_(p.step.view(shape_b)).add_(p.lo.view(shape_b))  # lo + (q + 0.5) * step
     return v.to(p.dtype).permute(_inverse(p.perm))
 
 
