@@ -24,7 +24,18 @@ CASES += [("decode_act", 4), ("bn_stats", 4), ("bn_act_fwd", 4)]
 
 
 def _shape(smoke, device):
-    return SMOKE if smoke else (FULL_GPU if device == "cuda" else FULL_CPU)
+    if smoke:
+        return SMOKE
+    override = os.environ.get("TRITONACT_BENCH_SHAPE")  # e.g. "64,256,56,56"
+    if override:
+        try:
+            shape = tuple(int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"TRITONACT_BENCH_SHAPE must be ints like 64,256,56,56, got {override!r}") from None
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"TRITONACT_BENCH_SHAPE must be 4 positive ints (N,C,H,W), got {override!r}")
+        return shape
+    return FULL_GPU if device == "cuda" else FULL_CPU
 
 
 def _skip_if_interpreted(smoke, device):
