@@ -156,8 +156,14 @@ def _rows(P: torch.Tensor, shape_b) -> dict[str, torch.Tensor]:
 def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = None) -> torch.Tensor:
     """Packed codes of ``w`` (fp32, any dense layout; channel dim 1) under the grid ``P``.
 
-    The formula of the module docstring, op for op (in place where it can be, so the CPU path makes few
-    full-size temporaries). ``act`` other than ``"relu6"`` (or None) lets it skip the saturation test,
+    The formula of the module docstring, computed without boolean masks (``torch.where`` and bool products are
+    an order of magnitude slower than arithmetic on CPU) but with the same values::
+
+        A = max(min(floor(max(v, 0) * rdp), qtop - nneg), 0)  # = the positive grid's offset where v > 0, else 0
+        B = min(floor(-min(v, 0) * rdn), nneg - 1)            # = the negative grid's offset where v <= 0
+        q = nneg + A - [v <= 0] * (1 + B)                     # [v <= 0] = 1 - max(sign(v), 0)
+
+    (small integers: every step is exact). ``act`` other than ``"relu6"`` (or None) skips the saturation test,
     which cannot fire for such grids.
     """
     perm = memory_order(w)
@@ -166,42 +172,42 @@ def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = No
     L1 = float((1 << bits) - 1)
     v = wp - p["o"]
     v.mul_(p["sgn"])
-    pos = v > 0
-    q = torch.mul(v, p["rdp"]).floor_()
-    torch.minimum(q, p["qtop"] - p["nneg"], out=q)
-    q.add_(p["nneg"])  # positive grid
-    qn = torch.mul(v, p["rdn"]).neg_().floor_()
-    torch.minimum(qn, p["nneg"] - 1.0, out=qn)
-    qn.neg_().add_(p["nneg"] - 1.0)  # negative grid: (nneg - 1) - min(floor(-v * rdn), nneg - 1)
-    torch.where(pos, q, qn, out=q)
-    del qn, pos
+    q = v.clamp(min=0.0).mul_(p["rdp"]).floor_()
+    torch.minimum(q, p["qtop"] - p["nneg"], out=q).clamp_(min=0.0)  # A (qtop < nneg only where no v > 0 exists)
+    b = v.clamp(max=0.0).mul_(p["rdn"]).neg_().floor_()
+    torch.minimum(b, p["nneg"] - 1.0, out=b)  # B
+    b.add_(1.0).mul_(torch.sign(v).clamp_(min=0.0).neg_().add_(1.0))  # [v <= 0] * (1 + B)
+    q.add_(p["nneg"]).sub_(b)
+    del b
     if act in (None, "relu6"):
-        q.masked_fill_(v >= p["vhi"], L1)
+        q = torch.where(v >= p["vhi"], L1, q)
     q.clamp_(0.0, L1).nan_to_num_(nan=0.0)  # only a NaN w gives a NaN q here
     return pack_codes(q.to(torch.uint8), bits)
 
 
-def _decode_v(data, P, bits, shape, perm, act=None, into=None):
+def _decode_v(data, P, bits, shape, perm, act=None, into=None, float_mask=False):
+    """``v~`` (and the mask) of the codes. ``v~ = max(t, 0) * dp + min(t, 0) * dn`` with ``t = q - nneg + 0.5``
+    equals the two-grid formula exactly (one product is 0 or -0); no boolean masks on the hot path."""
     perm_shape = [shape[d] for d in perm]
     q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape)
     p = _rows(P, _channel_view_shape(perm_shape, perm))
-    v = q.float() if into is None else into.copy_(q)
-    pos = v >= p["nneg"]
-    step = torch.where(pos, p["dp"], p["dn"])
-    mask = pos
-    if act in (None, "relu6"):
-        sat = v > p["qtop"]
-        v.sub_(p["nneg"]).add_(0.5).mul_(step)
+    t = q.float() if into is None else into.copy_(q)
+    relu6 = act in (None, "relu6")
+    sat = (t > p["qtop"]) if relu6 else None
+    t.sub_(p["nneg"]).add_(0.5)  # t > 0  <=>  q >= nneg
+    mask = torch.sign(t).clamp_(min=0.0) if float_mask else t > 0
+    pos = t.clamp(min=0.0).mul_(p["dp"])
+    v = t.clamp_(max=0.0).mul_(p["dn"]).add_(pos)
+    del pos
+    if relu6:
         torch.where(sat, p["vhi"], v, out=v)
-        mask = pos & ~sat
-    else:
-        v.sub_(p["nneg"]).add_(0.5).mul_(step)
+        mask = mask * (~sat) if float_mask else mask & ~sat
     return v, mask, p
 
 
-def decode_value_ref(data, P, bits, shape, perm, act=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w~, mask)`` in fp32 / bool, logical shape (memory format of the original)."""
-    v, mask, p = _decode_v(data, P, bits, shape, perm, act)
+def decode_value_ref(data, P, bits, shape, perm, act=None, float_mask=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w~, mask)`` in fp32 / bool (fp32 0/1 with ``float_mask``), logical shape (memory format of the original)."""
+    v, mask, p = _decode_v(data, P, bits, shape, perm, act, float_mask=float_mask)
     w = v.mul_(p["sgn"]).add_(p["o"])
     inv = _inverse(perm)
     return w.permute(inv), mask.permute(inv)
@@ -307,7 +313,7 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
     kept_xh = None  # with a single chunk, the decoded value is kept for the second pass instead of decoded again
     for n0, n1, b0, b1 in chunks:
         sub = (n1 - n0,) + tuple(shape[1:])
-        w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act)
+        w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act, float_mask=True)
         g_z = g_z_all[n0:n1]
         g_z.copy_(g[n0:n1])
         if act != "none":
