@@ -383,7 +383,8 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _batch_ranges(N: int, per_sample: int, target: int = 1 << 18):
+def _batch_ranges(N: int, per_sample: int, target: int | None = None):
+    target = ref.CHUNK_ELEMENTS // 4 if target is None else target  # int64 indices: 8 bytes per element
     k = max(1, target // max(per_sample, 1))
     return [(n0, min(N, n0 + k)) for n0 in range(0, N, k)]
 

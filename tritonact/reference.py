@@ -230,11 +230,16 @@ def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype, out
     return out
 
 
-def sample_chunks(shape, perm, bits: int, target: int = 1 << 20):
+# Elements per chunk of the CPU path's per-unit work (temporaries are a few times this, whatever the batch).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def sample_chunks(shape, perm, bits: int, target: int | None = None):
     """Split the batch (dim 0) into ranges of about ``target`` elements whose codes start on a byte boundary.
 
     Yields ``(n0, n1, b0, b1)``: samples and the byte range of their codes. A single range when the batch is
     not the outermost dim in memory."""
+    target = CHUNK_ELEMENTS if target is None else target
     N = shape[0]
     per = math.prod(shape[1:])
     if not perm or perm[0] != 0 or N <= 1:
