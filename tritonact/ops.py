@@ -389,12 +389,17 @@ def _batch_ranges(N: int, per_sample: int, target: int | None = None):
     return [(n0, min(N, n0 + k)) for n0 in range(0, N, k)]
 
 
+def _window_origins(OH: int, OW: int, stride, padding, device):
+    """Top-left input coordinates ``(h0 (OH, 1), w0 (1, OW))`` of each max-pool window."""
+    h0 = (torch.arange(OH, device=device) * stride[0] - padding[0]).view(OH, 1)
+    w0 = (torch.arange(OW, device=device) * stride[1] - padding[1]).view(1, OW)
+    return h0, w0
+
+
 def _global_index(local, in_shape, kernel, stride, padding, dilation):
-    N, C, H, W = in_shape
-    OH, OW = local.shape[-2:]
-    dev = local.device
-    h0 = (torch.arange(OH, device=dev) * stride[0] - padding[0]).view(OH, 1)
-    w0 = (torch.arange(OW, device=dev) * stride[1] - padding[1]).view(1, OW)
+    """Flat ``H * W`` input index of each window-local argmax (``local``: uint8, the pool's output shape)."""
+    W = in_shape[3]
+    h0, w0 = _window_origins(*local.shape[-2:], stride, padding, local.device)
     loc = local.long()
     ih = h0 + (loc // kernel[1]) * dilation[0]
     iw = w0 + (loc % kernel[1]) * dilation[1]
@@ -402,11 +407,9 @@ def _global_index(local, in_shape, kernel, stride, padding, dilation):
 
 
 def _local_index(idx, in_shape, kernel, stride, padding, dilation):
-    N, C, H, W = in_shape
-    OH, OW = idx.shape[-2:]
-    dev = idx.device
-    h0 = (torch.arange(OH, device=dev) * stride[0] - padding[0]).view(OH, 1)
-    w0 = (torch.arange(OW, device=dev) * stride[1] - padding[1]).view(1, OW)
+    """Inverse of :func:`_global_index`: the window-local position (uint8) of a flat ``H * W`` argmax."""
+    W = in_shape[3]
+    h0, w0 = _window_origins(*idx.shape[-2:], stride, padding, idx.device)
     kh = (idx // W - h0) // dilation[0]
     kw = (idx % W - w0) // dilation[1]
     return (kh * kernel[1] + kw).to(torch.uint8)
