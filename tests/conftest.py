@@ -3,6 +3,9 @@ import os
 # Triton kernels run on CPU tensors only under the interpreter, which must be chosen before any
 # @triton.jit function is created, i.e. before tritonact.kernels is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The compiled CPU path costs seconds of compilation per kind of unit; the suite runs the eager reference except
+# in tests/test_compiled.py, which turns it on (ApproxConfig(compile=True)) and checks it against the eager path.
+os.environ.setdefault("TRITONACT_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -86,7 +86,7 @@ class approximate:
         bits: 2, 4 or 8.
         naive: quantize inside the forward pass instead (a baseline whose error compounds with depth).
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA tensors, torch on CPU).
-        window, positive_fraction, ring: see :class:`tritonact.ApproxConfig`.
+        window, positive_fraction, ring, compile: see :class:`tritonact.ApproxConfig`.
 
     Example::
 
@@ -97,11 +97,13 @@ class approximate:
     """
 
     def __init__(self, model: nn.Module, bits: int = 4, *, naive: bool = False, backend: str | None = None,
-                 window: float | None = None, positive_fraction: float | None = None, ring: bool | None = None):
+                 window: float | None = None, positive_fraction: float | None = None, ring: bool | None = None,
+                 compile: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         kw = {} if positive_fraction is None else {"positive_fraction": positive_fraction}
-        self.config = ApproxConfig(bits=bits, naive=naive, backend=backend, window=window, ring=ring, **kw)
+        self.config = ApproxConfig(bits=bits, naive=naive, backend=backend, window=window, ring=ring, compile=compile,
+                                   **kw)
         self.model = model
         self._swapped: list = []
         self._programs: list = []

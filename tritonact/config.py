@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 __all__ = ["ApproxConfig", "DEFAULT_WINDOW", "DEFAULT_POSITIVE_FRACTION"]
@@ -38,6 +39,10 @@ class ApproxConfig:
         ring: keep full-precision activations in a ring of shared buffers (docs/memory.md). ``None`` (default):
             on for CUDA tensors, off on CPU, where the allocator hands freed memory straight back and a resident
             ring only adds to the peak (measured in docs/memory.md). Results are bitwise identical either way.
+        compile: run the CPU path's per-unit work compiled by ``torch.compile`` (TorchInductor C++, one compilation
+            per kind of unit, a few seconds each, cached on disk by torch) instead of eager op by op. ``None``
+            (default): on, unless the environment sets ``TRITONACT_COMPILE=0``. Same codes as eager (bit for bit
+            given the same grid); no effect on CUDA tensors (the Triton kernels run there).
     """
 
     bits: int = 4
@@ -46,6 +51,7 @@ class ApproxConfig:
     window: float | None = None
     positive_fraction: float = DEFAULT_POSITIVE_FRACTION
     ring: bool | None = None
+    compile: bool | None = None
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
@@ -62,6 +68,14 @@ class ApproxConfig:
             raise ValueError(f"positive_fraction must be in (0, 1), got {pf!r}")
         if self.ring is not None and not isinstance(self.ring, bool):
             raise TypeError(f"ring must be True, False or None, got {self.ring!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True, False or None, got {self.compile!r}")
+
+    @property
+    def effective_compile(self) -> bool:
+        if self.compile is not None:
+            return self.compile
+        return os.environ.get("TRITONACT_COMPILE", "1") != "0"
 
     @property
     def effective_window(self) -> float:

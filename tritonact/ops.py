@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tritonact import compiled
 from tritonact import reference as ref
 from tritonact.config import ApproxConfig
 from tritonact.quant import memory_order
@@ -32,15 +33,20 @@ class ActMeta:
     dtype: torch.dtype
     act: str
     backend: str
+    compiled: bool = False  # torch backend: the compiled CPU path (tritonact.compiled) where it applies
     n_tensors: int = 2
 
     def decode_act(self, tensors, dtype=None, out=None) -> torch.Tensor:
         data, P = tensors
         dtype = dtype or self.dtype
+        a = None
         if self.backend == "triton":
             from tritonact.kernels.bn_act import decode_act
 
             a = decode_act(data, P, self.bits, self.shape, self.perm, self.act, dtype)
+        elif self.compiled and compiled.enabled(data.device):
+            a = compiled.decode_act(data, P, self.bits, self.shape, self.perm, self.act, dtype)
+        if a is not None:
             return a if out is None else out.copy_(a)
         return ref.decode_act_ref(data, P, self.bits, self.shape, self.perm, self.act, dtype, out=out)
 
@@ -50,7 +56,8 @@ class ActMeta:
         per = math.prod(self.shape[1:])
         if self.perm[0] != 0 or (n0 * per * self.bits) % 8:
             return self.decode_act(tensors, dtype)[n0:n1]
-        sub = ActMeta(self.bits, (n1 - n0,) + tuple(self.shape[1:]), self.perm, self.dtype, self.act, self.backend)
+        sub = ActMeta(self.bits, (n1 - n0,) + tuple(self.shape[1:]), self.perm, self.dtype, self.act, self.backend,
+                      self.compiled)
         return sub.decode_act((data[n0 * per * self.bits // 8 : (n1 * per * self.bits + 7) // 8], P), dtype)
 
     def decode_value(self, tensors):
@@ -79,6 +86,10 @@ class PoolMeta:
         return self.parent.n_tensors + 1
 
     @property
+    def compiled(self) -> bool:
+        return self.parent.compiled
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.parent.dtype
 
@@ -100,8 +111,8 @@ class PoolMeta:
         out = torch.empty((N,) + tuple(self.out_shape[1:]), dtype=a.dtype, device=a.device)
         src = a.reshape(N, C, H * W)
         for n0, n1 in _batch_ranges(N, local[0].numel()):  # int64 indices a few samples at a time
-            idx = _global_index(local[n0:n1], (n1 - n0, C, H, W), self.kernel, self.stride, self.padding,
-                                self.dilation)
+            idx = _pool_index("global", local[n0:n1], (n1 - n0, C, H, W), self.kernel, self.stride, self.padding,
+                              self.dilation, self.compiled)
             torch.gather(src[n0:n1], 2, idx.reshape(n1 - n0, C, -1), out=out[n0:n1].view(n1 - n0, C, -1))
         return out
 
@@ -142,6 +153,7 @@ class UnitSpec:
     config: ApproxConfig
     backend: str
     store_xh: bool = False  # residual join whose BN value is stored as a second code (gamma ~ 0 at entry)
+    compiled: bool = False  # torch backend on CPU: run tritonact.compiled where it applies
     covers: tuple[str, ...] = ()
     last_code_bytes: int = field(default=0, repr=False)
     last_full_bytes: int = field(default=0, repr=False)
@@ -181,6 +193,11 @@ def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual, out=None):
         z, mean, invstd = torch.native_batch_norm(y, gamma, beta, rm, rv, True, eaf, bn.eps)
         torch.add(z, residual, out=out)
         del z
+    if spec.compiled and compiled.enabled(y.device):
+        codes = _unit_codes_compiled(spec, y, mean, invstd, gamma, beta, residual, out, perm)
+        if codes is not None:
+            _activate(out, spec.act)
+            return (out, *codes)
     # per-channel range of the coded value
     dims = ref.channel_dims(y)
     bmean, binv = ref.bview(mean, y), ref.bview(invstd, y)
@@ -206,12 +223,35 @@ def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual, out=None):
             data[b0:b1] = ref.encode_ref(out[n0:n1].float(), P, bits, spec.act)
             if extra_data is not None:
                 extra_data[b0:b1] = ref.encode_ref(xh, extra_P, bits, "none")
-    if spec.act == "relu":
-        out.relu_()
-    elif spec.act == "relu6":
-        out.clamp_(0.0, 6.0)
+    _activate(out, spec.act)
     extra = (extra_data, extra_P) if extra_data is not None else ()
     return out, data, P, invstd, extra
+
+
+def _activate(out, act):
+    if act == "relu":
+        out.relu_()
+    elif act == "relu6":
+        out.clamp_(0.0, 6.0)
+
+
+def _unit_codes_compiled(spec, y, mean, invstd, gamma, beta, residual, out, perm):
+    """``(data, P, invstd, extra)`` of the unit by the compiled CPU path (``out`` holds the pre-activation
+    value), or None where it does not apply."""
+    cfg = spec.config
+    kw = dict(bits=cfg.bits, window=cfg.effective_window, pf=cfg.positive_fraction, perm=perm)
+    if residual is None:
+        codes = compiled.forward_xh(y, mean, invstd, gamma, beta, act=spec.act, **kw)
+        return None if codes is None else (*codes, invstd, ())
+    codes = compiled.forward_sum(out, gamma, beta, act=spec.act, **kw)
+    if codes is None:
+        return None
+    extra = ()
+    if spec.store_xh:
+        extra = compiled.forward_xh(y, mean, invstd, gamma, beta, act="none", **kw)
+        if extra is None:
+            return None
+    return (*codes, invstd, tuple(extra))
 
 
 def _params(spec, act, coded, stats, gamma, beta):
@@ -233,7 +273,8 @@ class _BNActFn(torch.autograd.Function):
                 out, data, P, invstd, extra = unit_forward(spec, y, gamma, beta, residual, out=box.out)
             else:
                 out, data, P, invstd, extra = _unit_forward_torch(spec, y, gamma, beta, residual, box.out)
-        meta = ActMeta(spec.config.bits, tuple(y.shape), memory_order(y), y.dtype, spec.act, spec.backend)
+        meta = ActMeta(spec.config.bits, tuple(y.shape), memory_order(y), y.dtype, spec.act, spec.backend,
+                       spec.compiled)
         if spec.config.naive:
             out = meta.decode_act((data, P), out.dtype, out=out)
         box.tensors = (data, P)
@@ -257,13 +298,15 @@ class _BNActFn(torch.autograd.Function):
         data, P, invstd, gamma, beta, *rest = ctx.saved_tensors
         extra, saved_res = rest[: ctx.n_extra], rest[ctx.n_extra :]
         meta: ActMeta = ctx.meta
+        use_compiled = meta.backend == "torch" and meta.compiled and compiled.enabled(g.device)
+        use_compiled = use_compiled and compiled.layout3(meta.shape, meta.perm, meta.bits) is not None
         with torch.autocast(g.device.type, enabled=False):
             residual = xh_code = None
             if ctx.res_mode == "xh":
                 xh_code = tuple(extra)
             elif ctx.res_mode == "code":
                 res_meta, res_tensors = ctx.res_meta, tuple(saved_res)
-                if meta.backend == "triton":
+                if meta.backend == "triton" or use_compiled:
                     residual = res_meta.decode_act(res_tensors, torch.float32)
                 else:  # decoded a few samples at a time, inside the chunked backward
                     residual = lambda n0, n1: res_meta.decode_act_range(res_tensors, n0, n1, torch.float32)
@@ -273,9 +316,12 @@ class _BNActFn(torch.autograd.Function):
             if meta.backend == "triton":
                 from tritonact.kernels.bn_act import unit_backward
 
-                g_y, g_gamma, g_beta, g_res = unit_backward(*args)
+                out = unit_backward(*args)
             else:
-                g_y, g_gamma, g_beta, g_res = ref.unit_backward_ref(*args)
+                out = compiled.unit_backward(*args) if use_compiled else None
+                if out is None:
+                    out = ref.unit_backward_ref(*args)
+            g_y, g_gamma, g_beta, g_res = out
         need = ctx.needs_input_grad
         return (
             None, None, None,
@@ -415,12 +461,22 @@ def _local_index(idx, in_shape, kernel, stride, padding, dilation):
     return (kh * kernel[1] + kw).to(torch.uint8)
 
 
+def _pool_index(direction, t, in_shape, kernel, stride, padding, dilation, use_compiled):
+    """:func:`_local_index` / :func:`_global_index`, compiled where the unit's config says so (CPU)."""
+    if use_compiled and compiled.enabled(t.device):
+        out = compiled.pool_index(direction, t, in_shape, kernel, stride, padding, dilation)
+        if out is not None:
+            return out
+    f = _local_index if direction == "local" else _global_index
+    return f(t, in_shape, kernel, stride, padding, dilation)
+
+
 class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, geom, box, x):
-        kernel, stride, padding, dilation, ceil_mode = geom
+        kernel, stride, padding, dilation, ceil_mode, use_compiled = geom
         out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
-        local = _local_index(idx, tuple(x.shape), kernel, stride, padding, dilation)
+        local = _pool_index("local", idx, tuple(x.shape), kernel, stride, padding, dilation, use_compiled)
         box.local = local
         ctx.geom, ctx.in_shape = geom, tuple(x.shape)
         ctx.cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -430,12 +486,12 @@ class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (local,) = ctx.saved_tensors
-        kernel, stride, padding, dilation, _ = ctx.geom
+        kernel, stride, padding, dilation, _, use_compiled = ctx.geom
         N, C, H, W = ctx.in_shape
         gi = torch.zeros(N, C, H * W, dtype=g.dtype, device=g.device)
         for n0, n1 in _batch_ranges(N, C * local.shape[-1] * local.shape[-2]):  # int64 indices a few at a time
             sub = (n1 - n0, C, H, W)
-            idx = _global_index(local[n0:n1], sub, kernel, stride, padding, dilation)
+            idx = _pool_index("global", local[n0:n1], sub, kernel, stride, padding, dilation, use_compiled)
             gi[n0:n1].scatter_add_(2, idx.reshape(n1 - n0, C, -1), g[n0:n1].reshape(n1 - n0, C, -1))
         gi = gi.view(N, C, H, W)
         if ctx.cl:
@@ -461,6 +517,6 @@ def maxpool_coded(pool: nn.MaxPool2d, x, code: Code | None):
     s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
     p, d = _pair(pool.padding), _pair(pool.dilation)
     box = _Box()
-    out = _MaxPoolFn.apply((k, s, p, d, pool.ceil_mode), box, x)
+    out = _MaxPoolFn.apply((k, s, p, d, pool.ceil_mode, code.meta.compiled), box, x)
     pm = PoolMeta(code.meta, tuple(x.shape), tuple(out.shape), k, s, p, d)
     return out, Code(pm, tuple(code.tensors) + (box.local,))

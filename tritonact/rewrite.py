@@ -132,7 +132,7 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
             )
             spec = ops.UnitSpec(
                 name=name, bn=m, act=act, has_residual=residual is not None, config=cfg, backend=backend,
-                store_xh=store_xh, covers=tuple(covers),
+                compiled=cfg.effective_compile, store_xh=store_xh, covers=tuple(covers),
             )
             plan.units[final] = (spec, node.args[0], residual)
             claimed.update({node, final})
