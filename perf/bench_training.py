@@ -30,6 +30,8 @@ from perf._workloads import (
     train_step,
     training_mode,
 )
+from tritonact import compiled
+from tritonact.config import ApproxConfig
 
 ARCHS = ("resnet18", "resnet50")
 
@@ -91,8 +93,15 @@ def test_step_time_ratio(benchmark, arch, smoke, device):
     ratio = t_approx / t_exact
     benchmark.extra_info.update(arch=arch, bits=4, batch=batch, res=res, rounds=len(times["exact"]),
                                 exact_median_s=round(t_exact, 5), approx_median_s=round(t_approx, 5),
-                                ratio=round(ratio, 4))
+                                ratio=round(ratio, 4), cpu_path=_cpu_path(device))
     assert math.isfinite(ratio) and ratio > 0
+
+
+def _cpu_path(device) -> str | None:
+    """Which CPU path the 4-bit steps ran ("compiled" unless TRITONACT_COMPILE=0, or after a failed compilation)."""
+    if torch.device(device).type != "cpu":
+        return None
+    return "compiled" if ApproxConfig().effective_compile and compiled.enabled(torch.device("cpu")) else "eager"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,12 +6,11 @@ vectorized C++ loops. The formulas are those of :mod:`tritonact.reference` in th
 without floating-point contraction (inductor's default), so given the same grid ``P`` the codes and decoded values
 equal the reference bit for bit; per-channel statistics and backward sums differ from eager only in summation order.
 
-Layout: a tensor dense in memory order ``perm`` is viewed as ``(outer, G, I, per)`` groups of the ``per = 8 // bits``
-codes that share a byte: ``(outer, C, inner // per, per)`` when the dims after the channel hold a multiple of ``per``
-elements (NCHW with even ``H*W``), ``(outer, C // per, 1, per)`` when the channel is innermost (channels_last).
-Per-channel ``(C,)`` vectors are viewed as ``(1, G, 1, -1)`` against it. Other layouts (e.g. NCHW 7x7 at 4 bits) run
-the eager reference. Each function is compiled once per static key (bits, activation, window...) with dynamic
-sizes, so a model's many shapes share one compilation.
+Layout: a tensor dense in memory order ``perm`` is viewed as ``(outer, C, inner)`` (NCHW: ``(N, C, H*W)``,
+channels_last: ``(N*H*W, C, 1)``) and per-channel ``(C,)`` vectors as ``(1, C, 1)``; codes are packed and unpacked
+32 bits at a time (see ``_pack``). Shapes whose number of codes is not a multiple of 4 run the eager reference.
+Each function is compiled once per static key (bits, activation, window, dtype...) with dynamic sizes, so a model's
+many shapes share one compilation.
 
 ``ApproxConfig(compile=False)`` or ``TRITONACT_COMPILE=0`` turns compilation off (the eager reference runs). If
 compiling fails (no C++ compiler, an unsupported torch), a warning says why once and the eager reference runs from
@@ -21,6 +20,7 @@ then on.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 import types
@@ -208,8 +208,21 @@ _MAKERS = {"forward_xh": _make_forward_xh, "forward_sum": _make_forward_sum, "de
            "backward": _make_backward, "pool_index": _make_pool_index}
 
 
+def _no_cuda_runtime_line(record: logging.LogRecord) -> bool:
+    return "No CUDA runtime is found" not in record.getMessage()
+
+
+def _quiet_cpp_extension() -> None:
+    """Inductor imports ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only
+    machine; that line says nothing about this path, so it is filtered (only it)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if _no_cuda_runtime_line not in logger.filters:
+        logger.addFilter(_no_cuda_runtime_line)
+
+
 @functools.cache
 def _compiled(kind: str, *key):
+    _quiet_cpp_extension()
     fn = _MAKERS[kind](*key)
     # A fresh code object per key: dynamo keeps its cache (and its recompile limit) per code object, and every key's
     # closure shares the maker's code.

@@ -110,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                    help="torch CPU threads (default 1: this model's small convolutions gain little from more, and "
                         "extra threads slow down badly when the cores are shared)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: run the compiled CPU path (torch.compile; ~1 min of compilation per bit width on 2 "
+                        "cores, more than this tiny model's training saves); default: the eager torch path")
     p.add_argument("--train-samples", type=_positive_int, default=None, metavar="N",
                    help="train on the first N training samples only (default: all)")
 
@@ -223,10 +226,11 @@ def run_mode(mode: str, data, args, bar) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(args.seed)  # same batches in every mode
     kw = MODES[mode]
-    ctx = contextlib.nullcontext() if kw is None else tritonact.approximate(model, **kw)
+    ctx = contextlib.nullcontext() if kw is None else tritonact.approximate(model, compile=args.compile, **kw)
+    compiling = kw is not None and args.compile and dev.type == "cpu"
 
     losses, times = [], []
-    bar.set_description(f"{mode:>11}")
+    bar.set_description(f"{mode:>11}" + (" (compiling)" if compiling else ""))
     t0 = time.perf_counter()
     with ctx:
         model.train()
@@ -244,6 +248,8 @@ def run_mode(mode: str, data, args, bar) -> dict:
                 sched.step()
                 _sync(dev)
                 times.append(time.perf_counter() - t)
+                if compiling and len(times) == 1:
+                    bar.set_description(f"{mode:>11}")
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -392,7 +398,7 @@ def _run(args: argparse.Namespace, tqdm) -> int:
             "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "seed": args.seed, "train_samples": n_train, "test_samples": len(data[3]),
             "input_shape": list(data[0].shape[1:]), "model": "ResNet, BasicBlock stages 16/32/64",
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "compile": args.compile,
         },
         "machine": machine_info(args.device),
         "elapsed_s": elapsed,
