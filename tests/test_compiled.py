@@ -198,3 +198,20 @@ def test_maxpool_index_compiled_matches_eager():
     assert torch.equal(local, ops._local_index(idx, tuple(x.shape), *geom))
     assert torch.equal(compiled.pool_index("global", local, tuple(x.shape), *geom), idx)
     assert math.prod(local.shape) == idx.numel() and local.dtype == torch.uint8
+
+
+def test_keys_that_differ_only_in_settings_stay_separate():
+    """Two keys of one kind (window inf vs 3.5, bits 8 vs 4) must not share dynamo's automatic-dynamic state: a
+    shared one turns the settings into symbols, and a graph that cannot use them as constants fails or slows."""
+    y, gamma, beta, mean, invstd, _ = _unit_inputs(4, False, seed=2)
+    perm, C = memory_order(y), y.shape[1]
+    xmin, xmax = (y.amin((0, 2, 3)) - mean) * invstd, (y.amax((0, 2, 3)) - mean) * invstd
+    for bits, window in ((8, math.inf), (4, 3.5), (4, math.inf)):
+        data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=bits, act="relu", window=window, pf=0.75,
+                                      perm=perm)
+        P_eager = ref.code_params(bits=bits, act="relu", wmin=xmin, wmax=xmax, wmean=torch.zeros(C),
+                                  wstd=torch.ones(C), gamma=gamma, beta=beta, coded="xh", window=window,
+                                  positive_fraction=0.75)
+        assert torch.equal(P, P_eager), (bits, window)
+    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75).__name__ != \
+        compiled._compiled("forward_xh", 4, "relu", math.inf, 0.75).__name__

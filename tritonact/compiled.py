@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import sys
 import types
 import warnings
@@ -224,10 +225,16 @@ def _quiet_cpp_extension() -> None:
 def _compiled(kind: str, *key):
     _quiet_cpp_extension()
     fn = _MAKERS[kind](*key)
-    # A fresh code object per key: dynamo keeps its cache (and its recompile limit) per code object, and every key's
-    # closure shares the maker's code.
-    fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, f"{fn.__name__}", None, fn.__closure__)
-    return torch.compile(fn, dynamic=None, fullgraph=True)
+    # A code object of its own per key, with a name of its own: dynamo keeps its cache (and its recompile limit) per
+    # code object, and its automatic-dynamic state per (file, line, name). Shared with another key, the closure's
+    # settings (bits, window...) would look like values that change between calls and be traced as symbols.
+    name = f"{fn.__name__}__" + re.sub(r"\W", "_", "_".join(map(str, key)))
+    names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+    code = fn.__code__.replace(**names)
+    fn = types.FunctionType(code, fn.__globals__, name, None, fn.__closure__)
+    # not fullgraph: past dynamo's recompile limit (many dtypes/layouts through one key) the function then runs
+    # eagerly - the same formulas, slower - instead of raising
+    return torch.compile(fn, dynamic=None)
 
 
 def _call(kind: str, key: tuple, *args):
@@ -237,11 +244,10 @@ def _call(kind: str, key: tuple, *args):
     if _failed is not None:
         return None
     fn = _compiled(kind, *key)
-    if fn not in _ran:  # the compiling call: sizes dynamic from the start (later calls reuse the dynamic graph)
-        for t in args:
-            if isinstance(t, torch.Tensor):
-                for d in range(t.dim()):
-                    torch._dynamo.maybe_mark_dynamic(t, d)
+    for t in args:  # every call: a recompile (new dtype, layout) must not specialize sizes
+        if isinstance(t, torch.Tensor):
+            for d in range(t.dim()):
+                torch._dynamo.maybe_mark_dynamic(t, d)
     try:
         out = fn(*args)
         _ran.add(fn)
