@@ -366,3 +366,30 @@ def test_chunked_cpu_path_matches_whole_tensor_path(name, monkeypatch):
     for (n, p), q in zip(chunked.named_parameters(), model.parameters()):
         # fp32 sums over 12 samples in a different order: ~1e-6 relative; BN over 1x1 maps at 32x32 amplifies it
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+@pytest.mark.parametrize(
+    "geom",
+    [((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
+     ((3, 2), (1, 2), (1, 0), (2, 1), False), ((3, 3), (2, 2), (1, 1), (2, 2), True)],
+)
+def test_maxpool_window_index_round_trip(geom, dtype):
+    """The stored window-local argmax maps back to max_pool2d's own flat index, for padding, dilation, ceil_mode and
+    both arithmetic dtypes (fp32 is the default below 2**20 positions per plane)."""
+    from tritonact import ops
+
+    kernel, stride, padding, dilation, ceil = geom
+    x = torch.randn(2, 3, 13, 11)
+    _, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+    shape = tuple(x.shape)
+    local = ops._local_index(idx, shape, kernel, stride, padding, dilation, dtype)
+    assert local.dtype == torch.uint8 and int(local.max()) < kernel[0] * kernel[1]
+    assert torch.equal(ops._global_index(local, shape, kernel, stride, padding, dilation, dtype), idx)
+
+
+def test_window_index_dtype_widens_for_large_planes():
+    from tritonact import ops
+
+    assert ops._index_dtype((1, 1, 1024, 1024)) == torch.float32
+    assert ops._index_dtype((1, 1, 1025, 1024)) == torch.float64

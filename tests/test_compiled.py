@@ -73,38 +73,49 @@ def test_unit_codes_decode_and_backward_match_eager(bits, act, channels_last):
     assert out[3] is None
 
 
-@pytest.mark.parametrize("mode", ["residual", "xh"])
+@pytest.mark.parametrize("mode", ["residual", "residual_code", "xh"])
 def test_join_codes_and_backward_match_eager(mode):
     bits, act = 4, "relu"
     y, gamma, beta, mean, invstd, g = _unit_inputs(bits, False, seed=1)
     perm, shape = memory_order(y), tuple(y.shape)
     r = torch.randn(shape, generator=g)
+    if mode == "residual_code":  # the residual is another unit's output, given by its code
+        _, r_gamma, r_beta, r_mean, r_invstd, _ = _unit_inputs(bits, False, seed=3)
+        r_code = compiled.forward_xh(r, r_mean, r_invstd, r_gamma, r_beta, bits=bits, act="relu", window=3.5, pf=0.75,
+                                     perm=perm)
+        r = ref.decode_act_ref(*r_code, bits, shape, perm, "relu", torch.float32)
     s = torch.nn.functional.batch_norm(y, None, None, gamma, beta, True) + r
     data, P = compiled.forward_sum(s, gamma, beta, bits=bits, act=act, window=3.5, pf=0.75, perm=perm)
     stats = ref.value_stats(s, "sum")
     P_eager = ref.code_params(bits=bits, act=act, wmin=stats[0], wmax=stats[1], wmean=stats[2], wstd=stats[3],
                               gamma=gamma, beta=beta, coded="sum", window=3.5, positive_fraction=0.75)
-    # the window comes from a one-pass variance (summation order differs from eager's): a few ulp
+    # the window comes from a two-pass variance (summation order differs from eager's): a few ulp
     torch.testing.assert_close(P, P_eager, rtol=1e-5, atol=1e-6)
     assert torch.equal(data, ref.encode_ref(s, P, bits, act))  # codes: bit for bit given the grid
 
-    kw = {}
+    kw, kw_eager = {}, None
     if mode == "residual":
         kw["residual"] = r
+    elif mode == "residual_code":
+        kw["residual_code"] = (*r_code, "relu")
+        kw_eager = {"residual": r}  # the eager reference decodes it first
     else:
         xd, xP = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=bits, act="none", window=3.5, pf=0.75,
                                      perm=perm)
         kw["xh_code"] = (xd, xP)
     grad = torch.randn(shape, generator=g)
     out = compiled.unit_backward(grad, data, P, bits, shape, perm, act, gamma, beta, invstd, **kw)
-    eager = ref.unit_backward_ref(grad, data, P, bits, shape, perm, act, gamma, beta, invstd, **kw)
+    eager = ref.unit_backward_ref(grad, data, P, bits, shape, perm, act, gamma, beta, invstd, **(kw_eager or kw))
+    assert out[3] is not None
     for c, e in zip(out, eager):  # summation order only (see above); xh recovered through 1/gamma
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
 
 
 def test_layouts_it_does_not_cover_run_eager():
-    # 3 * 5 * 5 = 75 codes: not a whole number of 32-bit words at 4 bits
+    # 3 * 5 * 5 = 75 codes: not a whole number of packing words at 4 bits; 12 codes: a multiple of 4, not of 8
     assert compiled.layout3((1, 3, 5, 5), (0, 1, 2, 3), 4) is None
+    assert compiled.layout3((1, 3, 2, 2), (0, 1, 2, 3), 4) is None
+    assert compiled.layout3((1, 3, 2, 2), (0, 1, 2, 3), 2) == (1, 3, 4)
     assert compiled.layout3((1, 3, 5, 5), (0, 1, 2, 3), 8) == (1, 3, 25)
     assert compiled.layout3((2, 8, 3, 3), (0, 2, 3, 1), 2) == (18, 8, 1)
     y = torch.randn(1, 3, 5, 5)
@@ -215,3 +226,27 @@ def test_keys_that_differ_only_in_settings_stay_separate():
         assert torch.equal(P, P_eager), (bits, window)
     assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75).__name__ != \
         compiled._compiled("forward_xh", 4, "relu", math.inf, 0.75).__name__
+
+
+@pytest.mark.parametrize("bits,act", [(4, "relu"), (2, "relu6"), (8, "none")])
+def test_encode_edge_values_match_reference(bits, act):
+    """The compiled encoder (a select between the two grids) against the reference's arithmetic-mask formula on
+    values that stress it: NaN, infinities, signed zeros and values exactly on bin edges and window ends."""
+    C = 8
+    g = torch.Generator().manual_seed(4)
+    gamma = torch.randn(C, generator=g)
+    gamma[2] = 0.0
+    gamma[3] = -1.5
+    beta = torch.randn(C, generator=g)
+    P = ref.code_params(bits=bits, act=act, wmin=torch.full((C,), -2.0), wmax=torch.full((C,), 3.0),
+                        wmean=torch.zeros(C), wstd=torch.ones(C), gamma=gamma, beta=beta, coded="xh", window=3.5,
+                        positive_fraction=0.75)
+    w = torch.randn(2, C, 64, generator=g) * 3
+    o, sgn = P[ref.R["o"]].view(1, C, 1), P[ref.R["sgn"]].view(1, C, 1)
+    k = torch.arange(-8, 8, dtype=torch.float32).view(1, 1, 16)
+    w[:, :, :16] = o + sgn * k * P[ref.R["dp"]].view(1, C, 1)  # exactly on positive-grid edges
+    w[:, :, 16:32] = o + sgn * k * P[ref.R["dn"]].view(1, C, 1)  # and negative-grid ones
+    w[0, :, 32:40] = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e30, -1e30, 6.0])
+    w[1, :, 32] = o.view(C)  # v = 0 exactly
+    enc = torch.compile(lambda w, P: compiled._encode3(w, P, bits, act == "relu6"), dynamic=False)
+    assert torch.equal(enc(w, P), ref.encode_ref(w.unsqueeze(-1), P, bits, act))

@@ -8,7 +8,8 @@ equal the reference bit for bit; per-channel statistics and backward sums differ
 
 Layout: a tensor dense in memory order ``perm`` is viewed as ``(outer, C, inner)`` (NCHW: ``(N, C, H*W)``,
 channels_last: ``(N*H*W, C, 1)``) and per-channel ``(C,)`` vectors as ``(1, C, 1)``; codes are packed and unpacked
-32 bits at a time (see ``_pack``). Shapes whose number of codes is not a multiple of 4 run the eager reference.
+a machine word at a time (see ``_pack``). Shapes whose number of codes is not a multiple of the codes per word (8 at
+4 bits, 4 at 2 bits) run the eager reference.
 Each function is compiled once per static key (bits, activation, window, dtype...) with dynamic sizes, so a model's
 many shapes share one compilation.
 
@@ -35,6 +36,7 @@ from tritonact.quant import _inverse
 __all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "decode_act", "unit_backward", "pool_index"]
 
 _R = ref.R
+_CODES_PER_WORD = {8: 1, 4: 8, 2: 4}  # codes per packing word (see ``_pack``): a code count must be a multiple
 _failed: str | None = None  # why compilation was given up, once it was
 _ran: set = set()  # compiled functions that have run once
 
@@ -47,8 +49,9 @@ def enabled(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=4096)
 def layout3(shape, perm, bits: int) -> tuple[int, int, int] | None:
     """``(outer, C, inner)`` view of a tensor of logical ``shape`` dense in memory order ``perm``, or None where
-    the word-level packing below does not apply: a number of codes not a multiple of 4, or a big-endian host."""
-    if sys.byteorder != "little" or (bits != 8 and math.prod(shape) % 4):
+    the word-level packing below does not apply: a number of codes not a multiple of the codes per packing word
+    (8 at 4 bits, 4 at 2 bits), or a big-endian host."""
+    if sys.byteorder != "little" or math.prod(shape) % _CODES_PER_WORD[bits]:
         return None
     pos = perm.index(1)
     return math.prod(shape[d] for d in perm[:pos]), shape[1], math.prod(shape[d] for d in perm[pos + 1 :])
@@ -78,21 +81,27 @@ def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta):
                            coded=coded, window=window, positive_fraction=pf)
 
 
-# Packing ``8 // bits`` codes per byte, LSB first, 32 bits at a time: on a little-endian host the bytes of an int32
-# word are consecutive elements, so one word holds 4 one-byte codes, and shifting its nibbles (crumbs) together packs
-# them into 2 bytes (1 byte); the inverse spreads a byte's fields back over a word's bytes. Word arithmetic vectorizes
-# (int32: inductor does not vectorize int16 shifts); gathering adjacent elements into a byte does not.
+# Packing ``8 // bits`` codes per byte, LSB first, a machine word at a time: on a little-endian host the bytes of a
+# word are consecutive elements, so an int64 word holds 8 one-byte 4-bit codes (an int32 word 4 one-byte 2-bit
+# codes), and shifting its nibbles (crumbs) together packs them into 4 bytes (1 byte); the inverse spreads a packed
+# word's fields back over a wider word's bytes. Word arithmetic vectorizes in inductor's C++ (int16 shifts and int16
+# conversions do not); gathering adjacent elements into a byte does not. Wider words do more per loop iteration:
+# 8 codes per int64 word packs and unpacks 2-3x faster than 4 per int32 word (measured on a 2-core x86 CPU).
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (one per element, each < 2**bits, a multiple of 4 of them) -> packed bytes, flat."""
+    """uint8 codes (one per element, each < 2**bits, a multiple of ``_CODES_PER_WORD[bits]`` of them) -> packed
+    bytes, flat."""
     q = q.reshape(-1)
     if bits == 8:
         return q
-    w = q.view(torch.int32)
     if bits == 4:
-        w = (w & 0x0F) | ((w >> 4) & 0xF0) | ((w >> 8) & 0x0F00) | ((w >> 12) & 0xF000)
-        return w.to(torch.int16).view(torch.uint8)
+        w = q.view(torch.int64)
+        o = w & 0x0F
+        for k in range(1, 8):
+            o = o | ((w >> (4 * k)) & (0x0F << (4 * k)))
+        return o.to(torch.int32).view(torch.uint8)
+    w = q.view(torch.int32)
     return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8)
 
 
@@ -101,29 +110,41 @@ def _unpack(d: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return d
     if bits == 4:
-        w = d.view(torch.int16).to(torch.int32)
-        return ((w & 0x0F) | ((w << 4) & 0x0F00) | ((w << 8) & 0x0F0000) | ((w << 12) & 0x0F000000)).view(torch.uint8)
+        w = d.view(torch.int32).to(torch.int64)
+        o = w & 0x0F
+        for k in range(1, 8):
+            o = o | ((w << (4 * k)) & (0x0F << (8 * k)))
+        return o.view(torch.uint8)
     w = d.to(torch.int32)
     return ((w & 0x03) | ((w << 6) & 0x0300) | ((w << 12) & 0x030000) | ((w << 18) & 0x03000000)).view(torch.uint8)
 
 
 def _encode3(w, P, bits, relu6):
-    """Packed codes of ``w`` (fp32 ``(outer, C, inner)``): ``reference.encode_ref``'s formula, op for op."""
+    """Packed codes of ``w`` (fp32 ``(outer, C, inner)``): the values of ``reference.encode_ref``, computed as the
+    two-branch formula of the reference's module docstring with a select (a blend in vectorized C++, cheap here)
+    instead of the reference's arithmetic masks; each branch is the reference's expression where it is taken (small
+    integers in fp32: exact), so the codes are identical (tested), NaN included."""
     p = lambda name: _pv(P[_R[name]])  # noqa: E731
     L1 = float((1 << bits) - 1)
     v = (w - p("o")) * p("sgn")
-    q = torch.minimum(torch.floor(v.clamp(min=0.0) * p("rdp")), p("qtop") - p("nneg")).clamp(min=0.0)
-    b = torch.minimum(torch.floor(-v.clamp(max=0.0) * p("rdn")), p("nneg") - 1.0)
-    q = q + p("nneg") - (b + 1.0) * (1.0 - torch.sign(v).clamp(min=0.0))
+    nneg = p("nneg")
+    q_pos = nneg + torch.minimum(torch.floor(v * p("rdp")), p("qtop") - nneg).clamp(min=0.0)
+    q_neg = nneg - 1.0 - torch.minimum(torch.floor(-v * p("rdn")), nneg - 1.0)
+    q = torch.where(v > 0, q_pos, q_neg)  # NaN v: q_neg, NaN
     if relu6:
         q = torch.where(v >= p("vhi"), L1, q)
-    q = q.clamp(0.0, L1)
-    return _pack(torch.where(q == q, q, 0.0).to(torch.uint8), bits)  # NaN -> 0 (nan_to_num does not vectorize)
+    # clamp to [0, L1] with NaN -> 0 (fmax returns the non-NaN operand): the reference's clamp + nan_to_num, in one
+    # use of q (nan_to_num compiles to a scalar loop; ``where(q == q, ...)`` reads q twice and inductor then stores q
+    # to an fp32 buffer first)
+    q = torch.fmin(torch.fmax(q, torch.zeros_like(q)), torch.full_like(q, L1))
+    return _pack(q.to(torch.uint8), bits)
 
 
 def _decode3(d, P, bits, act, v3):
     """``(v~, mask)`` (fp32, bool; shape ``v3``) of the packed codes ``d``: ``reference._decode_v``'s formula."""
-    q = _unpack(d, bits).view(v3).float()
+    # d sliced to the length v3 implies (a no-op at run time): sizes derived from v3's, not from d's, give inductor
+    # plain strides for the 3-D view below (from d's length it indexes with a divide per element)
+    q = _unpack(d[: v3[0] * v3[1] * v3[2] * bits // 8], bits).view(v3).float()
     p = lambda name: _pv(P[_R[name]])  # noqa: E731
     t = q - p("nneg") + 0.5
     mask = t > 0
@@ -135,7 +156,7 @@ def _decode3(d, P, bits, act, v3):
     return v, mask
 
 
-def _make_forward_xh(bits, act, window, pf):
+def _make_forward_xh(bits, act, window, pf, *_cls):
     def forward_xh(y3, mean, invstd, gamma, beta):
         # xh is monotone in y: its range comes from y's (as in ops._unit_forward_torch)
         xmin = (y3.amin(dim=(0, 2)).float() - mean) * invstd
@@ -148,10 +169,13 @@ def _make_forward_xh(bits, act, window, pf):
     return forward_xh
 
 
-def _make_forward_sum(bits, act, window, pf):
+def _make_forward_sum(bits, act, window, pf, *_cls):
     def forward_sum(s3, gamma, beta):
         s = s3.float()
-        var, mean = torch.var_mean(s, dim=(0, 2), unbiased=False)
+        # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower
+        M = s.numel() // s.shape[1]
+        mean = s.sum(dim=(0, 2)) / M
+        var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
         P = _params(bits, act, "sum", window, pf, s.amin(dim=(0, 2)), s.amax(dim=(0, 2)), mean, var.sqrt(), gamma,
                     beta)
         return _encode3(s, P, bits, act == "relu6"), P
@@ -159,18 +183,24 @@ def _make_forward_sum(bits, act, window, pf):
     return forward_sum
 
 
-def _make_decode_act(bits, act, dtype):
+def _decoded_act(d, P, bits, act, v3):
+    """A unit's output decoded from its code (fp32, shape ``v3``): ``reference.decode_act_ref``'s formula."""
+    v, _ = _decode3(d, P, bits, act, v3)
+    if act != "none":
+        v = v.clamp(min=0.0)
+    return v * _pv(P[_R["A"]]) + _pv(P[_R["B"]])
+
+
+def _make_decode_act(bits, act, dtype, *_cls):
     def decode_act(d, P, like3):
-        v, _ = _decode3(d, P, bits, act, like3.shape)
-        if act != "none":
-            v = v.clamp(min=0.0)
-        return (v * _pv(P[_R["A"]]) + _pv(P[_R["B"]])).to(dtype)
+        return _decoded_act(d, P, bits, act, like3.shape).to(dtype)
 
     return decode_act
 
 
-def _make_backward(bits, act, mode):
-    """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma), "xh" (a second code)."""
+def _make_backward(bits, act, mode, ract, *_cls):
+    """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
+    same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code)."""
 
     def unit_backward(g3, d, P, gamma, beta, invstd, r3, xd, xP):
         v, mask = _decode3(d, P, bits, act, g3.shape)
@@ -182,9 +212,10 @@ def _make_backward(bits, act, mode):
             xh = xv * _pv(xP[_R["sgn"]]) + _pv(xP[_R["o"]])
         else:
             xh = v * _pv(P[_R["sgn"]]) + _pv(P[_R["o"]])
-            if mode == "residual":
+            if mode in ("residual", "rcode"):
+                r = r3.float() if mode == "residual" else _decoded_act(xd, xP, bits, ract, g3.shape)
                 g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-                xh = (xh - r3.float() - _pv(beta)) / _pv(g_safe)
+                xh = (xh - r - _pv(beta)) / _pv(g_safe)
         sum_gz = g_z.sum(dim=(0, 2))
         sum_gzxh = (g_z * xh).sum(dim=(0, 2))
         M = g3.numel() // gamma.numel()
@@ -194,13 +225,13 @@ def _make_backward(bits, act, mode):
     return unit_backward
 
 
-def _make_pool_index(direction, kernel, stride, padding, dilation):
+def _make_pool_index(direction, kernel, stride, padding, dilation, dtype, *_cls):
     from tritonact import ops  # (ops imports this module)
 
     f = ops._local_index if direction == "local" else ops._global_index
 
     def pool_index(t, w_like):
-        return f(t, (0, 0, 0, w_like.shape[0]), kernel, stride, padding, dilation)
+        return f(t, (0, 0, 0, w_like.shape[0]), kernel, stride, padding, dilation, dtype)
 
     return pool_index
 
@@ -232,22 +263,31 @@ def _compiled(kind: str, *key):
     names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
     code = fn.__code__.replace(**names)
     fn = types.FunctionType(code, fn.__globals__, name, None, fn.__closure__)
-    # not fullgraph: past dynamo's recompile limit (many dtypes/layouts through one key) the function then runs
-    # eagerly - the same formulas, slower - instead of raising
+    # Sizes are marked dynamic on the first call (see _call). Not dynamic=True: it would trace the closure's float
+    # settings as symbols too. Not fullgraph: past dynamo's recompile limit the function then runs eagerly - the same
+    # formulas, slower - instead of raising.
     return torch.compile(fn, dynamic=None)
 
 
+def _cls(v3, *tensors) -> tuple:
+    """The part of a key that would otherwise make dynamo recompile one function: the input dtypes and which of the
+    ``(outer, C, inner)`` sizes are 1 (dynamo specializes size-1 dims). Each key then sees a single kind of input,
+    and its first call's sizes, marked dynamic, give a graph that serves every later call."""
+    return tuple(n == 1 for n in v3) + tuple(t.dtype for t in tensors if t is not None)
+
+
 def _call(kind: str, key: tuple, *args):
-    """Run compiled ``kind`` for ``key``; tensor sizes are marked dynamic (one compilation serves every shape).
-    Returns None (the caller runs the eager reference) once compilation has failed."""
+    """Run compiled ``kind`` for ``key``. Returns None (the caller runs the eager reference) once compilation has
+    failed."""
     global _failed
     if _failed is not None:
         return None
     fn = _compiled(kind, *key)
-    for t in args:  # every call: a recompile (new dtype, layout) must not specialize sizes
-        if isinstance(t, torch.Tensor):
-            for d in range(t.dim()):
-                torch._dynamo.maybe_mark_dynamic(t, d)
+    if fn not in _ran:  # first call of this key: every size dynamic (later calls need no marking: ~35 us saved)
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                for d in range(t.dim()):
+                    torch._dynamo.maybe_mark_dynamic(t, d)
     try:
         out = fn(*args)
         _ran.add(fn)
@@ -274,16 +314,15 @@ def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm):
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
-    out = _call("forward_xh", (bits, act, window, pf), view3(y, perm, v3), mean, invstd, gamma, beta)
-    return out
+    return _call("forward_xh", (bits, act, window, pf, *_cls(v3, y, gamma)), view3(y, perm, v3), mean, invstd, gamma,
+                 beta)
 
 
 def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm):
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None
-    out = _call("forward_sum", (bits, act, window, pf), view3(s, perm, v3), gamma, beta)
-    return out
+    return _call("forward_sum", (bits, act, window, pf, *_cls(v3, s, gamma)), view3(s, perm, v3), gamma, beta)
 
 
 def decode_act(data, P, bits, shape, perm, act, dtype):
@@ -291,19 +330,30 @@ def decode_act(data, P, bits, shape, perm, act, dtype):
     if v3 is None:
         return None
     like3 = torch.empty((), dtype=torch.uint8, device=data.device).expand(v3)  # carries the shape only
-    a3 = _call("decode_act", (bits, act, dtype), _aligned(data), P, like3)
+    a3 = _call("decode_act", (bits, act, dtype, *_cls(v3)), _aligned(data), P, like3)
     return None if a3 is None else unview3(a3, shape, perm)
 
 
-def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None):
+def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None,
+                  residual_code=None):
+    """``reference.unit_backward_ref``, compiled; ``residual_code`` ``(data, P, act)``: the residual given by its
+    code (same shape, layout and bits), decoded inside the loop instead of first into an fp32 tensor."""
     v3 = layout3(tuple(shape), perm, bits)
     if v3 is None:
         return None
-    mode = "xh" if xh_code is not None else ("residual" if residual is not None else "plain")
-    r3 = view3(_dense_like(residual, perm), perm, v3) if residual is not None else None
-    xd, xP = (_aligned(xh_code[0]), xh_code[1]) if xh_code is not None else (None, None)
-    args = (view3(_dense_like(g, perm), perm, v3), _aligned(data), P, gamma, beta, invstd, r3, xd, xP)
-    out = _call("backward", (bits, act, mode), *args)
+    r3 = xd = xP = None
+    ract = None
+    if xh_code is not None:
+        mode, (xd, xP) = "xh", xh_code
+    elif residual_code is not None:
+        mode, (xd, xP, ract) = "rcode", residual_code
+    elif residual is not None:
+        mode, r3 = "residual", view3(_dense_like(residual, perm), perm, v3)
+    else:
+        mode = "plain"
+    g3 = view3(_dense_like(g, perm), perm, v3)
+    args = (g3, _aligned(data), P, gamma, beta, invstd, r3, _aligned(xd) if xd is not None else None, xP)
+    out = _call("backward", (bits, act, mode, ract, *_cls(v3, g, gamma, r3)), *args)
     if out is None:
         return None
     g_y, g_gamma, g_beta, g_res = out
@@ -324,4 +374,8 @@ def _dense_like(t: torch.Tensor, perm) -> torch.Tensor:
 def pool_index(direction: str, t, in_shape, kernel, stride, padding, dilation):
     """``ops._local_index`` (``direction="local"``) or ``ops._global_index`` (``"global"``), compiled."""
     w_like = torch.empty((), dtype=torch.uint8, device=t.device).expand(in_shape[3])  # carries W only
-    return _call("pool_index", (direction, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)), t, w_like)
+    from tritonact import ops
+
+    key = (direction, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ops._index_dtype(in_shape),
+           *_cls(t.shape, t))
+    return _call("pool_index", key, t, w_like)
