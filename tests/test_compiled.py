@@ -224,14 +224,16 @@ def test_keys_that_differ_only_in_settings_stay_separate():
                                   wstd=torch.ones(C), gamma=gamma, beta=beta, coded="xh", window=window,
                                   positive_fraction=0.75)
         assert torch.equal(P, P_eager), (bits, window)
-    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75).__name__ != \
-        compiled._compiled("forward_xh", 4, "relu", math.inf, 0.75).__name__
+    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False).__name__ != \
+        compiled._compiled("forward_xh", 4, "relu", math.inf, 0.75, False).__name__
 
 
+@pytest.mark.parametrize("rows", [True, False])
 @pytest.mark.parametrize("bits,act", [(4, "relu"), (2, "relu6"), (8, "none")])
-def test_encode_edge_values_match_reference(bits, act):
+def test_encode_edge_values_match_reference(bits, act, rows):
     """The compiled encoder (a select between the two grids) against the reference's arithmetic-mask formula on
-    values that stress it: NaN, infinities, signed zeros and values exactly on bin edges and window ends."""
+    values that stress it: NaN, infinities, signed zeros and values exactly on bin edges and window ends; packed
+    along rows and through the flat view."""
     C = 8
     g = torch.Generator().manual_seed(4)
     gamma = torch.randn(C, generator=g)
@@ -248,5 +250,5 @@ def test_encode_edge_values_match_reference(bits, act):
     w[:, :, 16:32] = o + sgn * k * P[ref.R["dn"]].view(1, C, 1)  # and negative-grid ones
     w[0, :, 32:40] = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e30, -1e30, 6.0])
     w[1, :, 32] = o.view(C)  # v = 0 exactly
-    enc = torch.compile(lambda w, P: compiled._encode3(w, P, bits, act == "relu6"), dynamic=False)
+    enc = torch.compile(lambda w, P: compiled._encode3(w, P, bits, act == "relu6", rows), dynamic=False)
     assert torch.equal(enc(w, P), ref.encode_ref(w.unsqueeze(-1), P, bits, act))

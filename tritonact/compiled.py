@@ -105,6 +105,22 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8)
 
 
+def _pack_rows(q3: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`_pack` of ``(outer, C, inner)`` codes whose ``inner`` is a multiple of the codes per word: the words are
+    formed along the last dim, so the encoder's loop stores one-byte codes and a second loop packs them. (Packing a
+    flat view instead makes inductor either store the encoder's fp32 values first or recompute them per word.)"""
+    if bits == 8:
+        return q3.reshape(-1)
+    if bits == 4:
+        w = q3.view(torch.int64)
+        o = w & 0x0F
+        for k in range(1, 8):
+            o = o | ((w >> (4 * k)) & (0x0F << (4 * k)))
+        return o.to(torch.int32).view(torch.uint8).reshape(-1)
+    w = q3.view(torch.int32)
+    return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8).reshape(-1)
+
+
 def _unpack(d: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed bytes (flat) -> uint8 codes, one per element, flat."""
     if bits == 8:
@@ -119,23 +135,28 @@ def _unpack(d: torch.Tensor, bits: int) -> torch.Tensor:
     return ((w & 0x03) | ((w << 6) & 0x0300) | ((w << 12) & 0x030000) | ((w << 18) & 0x03000000)).view(torch.uint8)
 
 
-def _encode3(w, P, bits, relu6):
+def _encode3(w, P, bits, relu6, rows):
     """Packed codes of ``w`` (fp32 ``(outer, C, inner)``): the values of ``reference.encode_ref``, computed as the
     two-branch formula of the reference's module docstring with a select (a blend in vectorized C++, cheap here)
-    instead of the reference's arithmetic masks; each branch is the reference's expression where it is taken (small
-    integers in fp32: exact), so the codes are identical (tested), NaN included."""
+    instead of the reference's arithmetic masks. Each branch is the reference's expression where it is taken (small
+    integers in fp32: exact) and both stay inside ``[0, 2**bits - 1]``; a NaN ``w`` takes the negative branch, where
+    ``fmin`` (which returns its non-NaN operand) makes it code 0 as the reference's ``nan_to_num`` does. So the codes
+    are identical (tested, edge values included). ``rows``: ``inner`` is a multiple of the codes per word (see
+    :func:`_pack_rows`)."""
     p = lambda name: _pv(P[_R[name]])  # noqa: E731
     L1 = float((1 << bits) - 1)
     v = (w - p("o")) * p("sgn")
     nneg = p("nneg")
     q_pos = nneg + torch.minimum(torch.floor(v * p("rdp")), p("qtop") - nneg).clamp(min=0.0)
-    q_neg = nneg - 1.0 - torch.minimum(torch.floor(-v * p("rdn")), nneg - 1.0)
-    q = torch.where(v > 0, q_pos, q_neg)  # NaN v: q_neg, NaN
+    q_neg = nneg - 1.0 - torch.fmin(torch.floor(-v * p("rdn")), nneg - 1.0)
+    q = torch.where(v > 0, q_pos, q_neg)
     if relu6:
         q = torch.where(v >= p("vhi"), L1, q)
-    # clamp to [0, L1] with NaN -> 0 (fmax returns the non-NaN operand): the reference's clamp + nan_to_num, in one
-    # use of q (nan_to_num compiles to a scalar loop; ``where(q == q, ...)`` reads q twice and inductor then stores q
-    # to an fp32 buffer first)
+    if rows:
+        return _pack_rows(q.to(torch.uint8), bits)
+    # packed through a flat view: without an elementwise op between q and that view, inductor recomputes the whole
+    # encoder for each packed word (8x slower, measured); with one (a no-op clamp here), it stores q and converts it
+    # in the flat loop
     q = torch.fmin(torch.fmax(q, torch.zeros_like(q)), torch.full_like(q, L1))
     return _pack(q.to(torch.uint8), bits)
 
@@ -156,7 +177,7 @@ def _decode3(d, P, bits, act, v3):
     return v, mask
 
 
-def _make_forward_xh(bits, act, window, pf, *_cls):
+def _make_forward_xh(bits, act, window, pf, rows, *_cls):
     def forward_xh(y3, mean, invstd, gamma, beta):
         # xh is monotone in y: its range comes from y's (as in ops._unit_forward_torch)
         xmin = (y3.amin(dim=(0, 2)).float() - mean) * invstd
@@ -164,12 +185,12 @@ def _make_forward_xh(bits, act, window, pf, *_cls):
         zero = torch.zeros_like(xmin)
         P = _params(bits, act, "xh", window, pf, xmin, xmax, zero, zero + 1.0, gamma, beta)
         xh = (y3.float() - _pv(mean)) * _pv(invstd)
-        return _encode3(xh, P, bits, act == "relu6"), P
+        return _encode3(xh, P, bits, act == "relu6", rows), P
 
     return forward_xh
 
 
-def _make_forward_sum(bits, act, window, pf, *_cls):
+def _make_forward_sum(bits, act, window, pf, rows, *_cls):
     def forward_sum(s3, gamma, beta):
         s = s3.float()
         # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower
@@ -178,7 +199,7 @@ def _make_forward_sum(bits, act, window, pf, *_cls):
         var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
         P = _params(bits, act, "sum", window, pf, s.amin(dim=(0, 2)), s.amax(dim=(0, 2)), mean, var.sqrt(), gamma,
                     beta)
-        return _encode3(s, P, bits, act == "relu6"), P
+        return _encode3(s, P, bits, act == "relu6", rows), P
 
     return forward_sum
 
@@ -269,6 +290,11 @@ def _compiled(kind: str, *key):
     return torch.compile(fn, dynamic=None)
 
 
+def _rows(v3, bits: int) -> bool:
+    """Whether codes can be packed along the last dim of ``v3`` (see :func:`_pack_rows`)."""
+    return v3[2] % _CODES_PER_WORD[bits] == 0
+
+
 def _cls(v3, *tensors) -> tuple:
     """The part of a key that would otherwise make dynamo recompile one function: the input dtypes and which of the
     ``(outer, C, inner)`` sizes are 1 (dynamo specializes size-1 dims). Each key then sees a single kind of input,
@@ -314,15 +340,16 @@ def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm):
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
-    return _call("forward_xh", (bits, act, window, pf, *_cls(v3, y, gamma)), view3(y, perm, v3), mean, invstd, gamma,
-                 beta)
+    key = (bits, act, window, pf, _rows(v3, bits), *_cls(v3, y, gamma))
+    return _call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta)
 
 
 def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm):
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None
-    return _call("forward_sum", (bits, act, window, pf, *_cls(v3, s, gamma)), view3(s, perm, v3), gamma, beta)
+    key = (bits, act, window, pf, _rows(v3, bits), *_cls(v3, s, gamma))
+    return _call("forward_sum", key, view3(s, perm, v3), gamma, beta)
 
 
 def decode_act(data, P, bits, shape, perm, act, dtype):
