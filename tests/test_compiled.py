@@ -252,3 +252,20 @@ def test_encode_edge_values_match_reference(bits, act, rows):
     w[1, :, 32] = o.view(C)  # v = 0 exactly
     enc = torch.compile(lambda w, P: compiled._encode3(w, P, bits, act == "relu6", rows), dynamic=False)
     assert torch.equal(enc(w, P), ref.encode_ref(w.unsqueeze(-1), P, bits, act))
+
+
+def test_channel_count_stays_symbolic_for_parameters():
+    """A BN's gamma and beta are nn.Parameters, whose sizes dynamo keeps static: passed as such, every channel count
+    would compile anew (and past the recompile limit run eagerly). One compilation must serve several widths."""
+    from torch._dynamo.utils import counters
+
+    window = 2.75  # a key no other test uses: its first compilation happens here
+    frames = counters["frames"]["ok"]
+    for C in (8, 16, 24):
+        y, _, _, mean, invstd, g = _unit_inputs(4, False, seed=C, shape=(2, C, 4, 4))
+        gamma = torch.nn.Parameter(torch.rand(C, generator=g) + 0.5)
+        beta = torch.nn.Parameter(torch.randn(C, generator=g))
+        data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=4, act="relu", window=window, pf=0.75,
+                                      perm=memory_order(y))
+        assert P.shape == (len(ref.ROWS), C)
+    assert counters["frames"]["ok"] - frames == 1

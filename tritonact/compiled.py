@@ -309,6 +309,9 @@ def _call(kind: str, key: tuple, *args):
     if _failed is not None:
         return None
     fn = _compiled(kind, *key)
+    # parameters (a BN's gamma, beta) as plain tensors: dynamo keeps an nn.Parameter's sizes static, which would
+    # specialize the channel count and recompile for every width (up to the recompile limit, then run eagerly)
+    args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
     if fn not in _ran:  # first call of this key: every size dynamic (later calls need no marking: ~35 us saved)
         for t in args:
             if isinstance(t, torch.Tensor):
