@@ -90,34 +90,19 @@ def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta):
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (one per element, each < 2**bits, a multiple of ``_CODES_PER_WORD[bits]`` of them) -> packed
-    bytes, flat."""
-    q = q.reshape(-1)
+    """uint8 codes (one per element, each < 2**bits) packed along the last dim, whose size is a multiple of
+    ``_CODES_PER_WORD[bits]`` -> packed bytes, flat. Given ``(outer, C, inner)`` codes (``inner`` a multiple), the
+    encoder's loop stores one-byte codes and a second loop packs them; given a flat view, inductor either stores the
+    encoder's fp32 values first or recomputes them per word (see ``_encode3``)."""
     if bits == 8:
-        return q
+        return q.reshape(-1)
     if bits == 4:
         w = q.view(torch.int64)
         o = w & 0x0F
         for k in range(1, 8):
             o = o | ((w >> (4 * k)) & (0x0F << (4 * k)))
-        return o.to(torch.int32).view(torch.uint8)
-    w = q.view(torch.int32)
-    return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8)
-
-
-def _pack_rows(q3: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`_pack` of ``(outer, C, inner)`` codes whose ``inner`` is a multiple of the codes per word: the words are
-    formed along the last dim, so the encoder's loop stores one-byte codes and a second loop packs them. (Packing a
-    flat view instead makes inductor either store the encoder's fp32 values first or recompute them per word.)"""
-    if bits == 8:
-        return q3.reshape(-1)
-    if bits == 4:
-        w = q3.view(torch.int64)
-        o = w & 0x0F
-        for k in range(1, 8):
-            o = o | ((w >> (4 * k)) & (0x0F << (4 * k)))
         return o.to(torch.int32).view(torch.uint8).reshape(-1)
-    w = q3.view(torch.int32)
+    w = q.view(torch.int32)
     return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8).reshape(-1)
 
 
@@ -142,7 +127,7 @@ def _encode3(w, P, bits, relu6, rows):
     integers in fp32: exact) and both stay inside ``[0, 2**bits - 1]``; a NaN ``w`` takes the negative branch, where
     ``fmin`` (which returns its non-NaN operand) makes it code 0 as the reference's ``nan_to_num`` does. So the codes
     are identical (tested, edge values included). ``rows``: ``inner`` is a multiple of the codes per word (see
-    :func:`_pack_rows`)."""
+    :func:`_pack`)."""
     p = lambda name: _pv(P[_R[name]])  # noqa: E731
     L1 = float((1 << bits) - 1)
     v = (w - p("o")) * p("sgn")
@@ -153,12 +138,12 @@ def _encode3(w, P, bits, relu6, rows):
     if relu6:
         q = torch.where(v >= p("vhi"), L1, q)
     if rows:
-        return _pack_rows(q.to(torch.uint8), bits)
+        return _pack(q.to(torch.uint8), bits)
     # packed through a flat view: without an elementwise op between q and that view, inductor recomputes the whole
     # encoder for each packed word (8x slower, measured); with one (a no-op clamp here), it stores q and converts it
     # in the flat loop
     q = torch.fmin(torch.fmax(q, torch.zeros_like(q)), torch.full_like(q, L1))
-    return _pack(q.to(torch.uint8), bits)
+    return _pack(q.to(torch.uint8).reshape(-1), bits)
 
 
 def _decode3(d, P, bits, act, v3):
@@ -291,7 +276,7 @@ def _compiled(kind: str, *key):
 
 
 def _rows(v3, bits: int) -> bool:
-    """Whether codes can be packed along the last dim of ``v3`` (see :func:`_pack_rows`)."""
+    """Whether codes can be packed along the last dim of ``v3`` (see :func:`_pack`)."""
     return v3[2] % _CODES_PER_WORD[bits] == 0
 
 
