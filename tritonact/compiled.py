@@ -23,9 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import sys
-import types
 import warnings
 
 import torch
@@ -250,29 +248,125 @@ def _no_cuda_runtime_line(record: logging.LogRecord) -> bool:
     return "No CUDA runtime is found" not in record.getMessage()
 
 
+def _no_artifact_line(record: logging.LogRecord) -> bool:
+    return "artifact generation failed, cannot save" not in record.getMessage()
+
+
 def _quiet_cpp_extension() -> None:
-    """Inductor imports ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only
-    machine; that line says nothing about this path, so it is filtered (only it)."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if _no_cuda_runtime_line not in logger.filters:
-        logger.addFilter(_no_cuda_runtime_line)
+    """Two log lines that say nothing about this path are filtered (only they): inductor imports
+    ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only machine, and
+    ``standalone_compile`` warns that it cannot save a serialized artifact, which is never asked for here (its
+    graph caches are off, see ``_Graphs._compile``)."""
+    for name, line in (("torch.utils.cpp_extension", _no_cuda_runtime_line),
+                       ("torch._inductor.standalone_compile", _no_artifact_line)):
+        logger = logging.getLogger(name)
+        if line not in logger.filters:
+            logger.addFilter(line)
+
+
+class _Graphs:
+    """One key's compiled graphs. Each is traced with symbolic sizes (``make_fx``) and compiled by inductor
+    (``torch._inductor.standalone_compile``), and holds the shape conditions its trace and compilation assumed
+    (e.g. "the per-channel reduction has more than 4096 elements": inductor then sums in chunks); an input that
+    violates them gets a graph of its own. Calls go straight to the compiled code: without dynamo's frame
+    evaluation, guard tree and runtime wrappers, a call costs about half as much, and far less when the caches are
+    cold, as they are between a model's convolutions (measured: docs/kernels.md). Which graph serves an input is
+    found once per distinct input signature (dtypes, sizes, strides, storage offsets) and remembered."""
+
+    def __init__(self, kind: str, key: tuple):
+        self.fn = _MAKERS[kind](*key)
+        self.name = f"{kind}{key}"
+        self.graphs: list[tuple] = []  # (conditions, {symbol: (arg, what, dim)}, compiled callable)
+        self.memo: dict = {}
+
+    def __call__(self, *args):
+        sig = tuple(None if a is None else (a.dtype, a.shape, a.stride(), a.storage_offset()) for a in args)
+        graph = self.memo.get(sig)
+        if graph is None:
+            graph = self._graph_for(args)
+            if len(self.memo) >= _MEMO_LIMIT:
+                self.memo.clear()
+            self.memo[sig] = graph
+        return graph(*args)
+
+    def _graph_for(self, args):
+        for conditions, symbols, graph in self.graphs:
+            if _hold(conditions, symbols, args):
+                return graph
+        if len(self.graphs) >= _GRAPH_LIMIT:
+            raise _TooManyGraphs(f"{self.name}: {_GRAPH_LIMIT} graphs compiled already")
+        graph = self._compile(args)
+        return graph
+
+    def _compile(self, args):
+        import torch._inductor
+        import torch.fx.experimental._config as fx_config
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        if not hasattr(torch._inductor, "standalone_compile"):
+            raise ImportError(f"torch {torch.__version__} has no torch._inductor.standalone_compile")
+
+        # no duck sizing: two sizes equal in the example must not become one symbol
+        with fx_config.patch(use_duck_shape=False):
+            gm = make_fx(self.fn, tracing_mode="symbolic")(*args)
+        fakes = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
+        # symbols; without its caches of whole graphs, which on a hit restore a graph without restating the
+        # conditions it was compiled under (the C++ of a graph is still cached: a warm compile takes seconds).
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            graph = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
+        symbols = {}
+        for i, val in enumerate(fakes):
+            if not isinstance(val, torch.Tensor):
+                continue
+            for what, seq in (("size", val.shape), ("stride", val.stride()), ("offset", (val.storage_offset(),))):
+                for d, v in enumerate(seq):
+                    # the symbol the trace made for this size, before the shape env unified it with equal ones
+                    e = getattr(v.node, "_expr", v.node.expr) if isinstance(v, torch.SymInt) else None
+                    if e is not None and e.is_Symbol:
+                        symbols.setdefault(e, (i, what, d))
+        conditions = [g.expr for g in gm.shape_env.guards]
+        unknown = set().union(*(c.free_symbols for c in conditions)) - set(symbols) if conditions else set()
+        if unknown:
+            raise _Unguardable(f"{self.name}: conditions on {sorted(map(str, unknown))}, not input sizes")
+        if not _hold(conditions, symbols, args):
+            raise _Unguardable(f"{self.name}: its own example input violates its conditions")
+        self.graphs.append((conditions, symbols, graph))
+        return graph
+
+
+class _TooManyGraphs(RuntimeError):
+    pass
+
+
+class _Unguardable(RuntimeError):
+    pass
+
+
+_GRAPH_LIMIT = 8  # graphs per key; past it the eager reference runs for inputs no graph covers
+_MEMO_LIMIT = 4096  # remembered input signatures per key
+
+
+def _hold(conditions, symbols, args) -> bool:
+    """Whether ``args`` satisfy a graph's shape ``conditions`` (sympy booleans over ``symbols``)."""
+    import sympy
+
+    values = {}
+    for sym, (i, what, d) in symbols.items():
+        a = args[i]
+        v = a.shape[d] if what == "size" else a.stride(d) if what == "stride" else a.storage_offset()
+        values[sym] = sympy.Integer(v)
+    for c in conditions:
+        if c.xreplace(values) not in (sympy.true, True):
+            return False
+    return True
 
 
 @functools.cache
-def _compiled(kind: str, *key):
+def _compiled(kind: str, *key) -> _Graphs:
     _quiet_cpp_extension()
-    fn = _MAKERS[kind](*key)
-    # A code object of its own per key, with a name of its own: dynamo keeps its cache (and its recompile limit) per
-    # code object, and its automatic-dynamic state per (file, line, name). Shared with another key, the closure's
-    # settings (bits, window...) would look like values that change between calls and be traced as symbols.
-    name = f"{fn.__name__}__" + re.sub(r"\W", "_", "_".join(map(str, key)))
-    names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
-    code = fn.__code__.replace(**names)
-    fn = types.FunctionType(code, fn.__globals__, name, None, fn.__closure__)
-    # Sizes are marked dynamic on the first call (see _call). Not dynamic=True: it would trace the closure's float
-    # settings as symbols too. Not fullgraph: past dynamo's recompile limit the function then runs eagerly - the same
-    # formulas, slower - instead of raising.
-    return torch.compile(fn, dynamic=None)
+    return _Graphs(kind, key)
 
 
 def _rows(v3, bits: int) -> bool:
@@ -289,23 +383,20 @@ def _cls(v3, *tensors) -> tuple:
 
 def _call(kind: str, key: tuple, *args):
     """Run compiled ``kind`` for ``key``. Returns None (the caller runs the eager reference) once compilation has
-    failed."""
+    failed, or for an input this key can no longer compile a graph for."""
     global _failed
     if _failed is not None:
         return None
     fn = _compiled(kind, *key)
-    # parameters (a BN's gamma, beta) as plain tensors: dynamo keeps an nn.Parameter's sizes static, which would
-    # specialize the channel count and recompile for every width (up to the recompile limit, then run eagerly)
-    args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
-    if fn not in _ran:  # first call of this key: every size dynamic (later calls need no marking: ~35 us saved)
-        for t in args:
-            if isinstance(t, torch.Tensor):
-                for d in range(t.dim()):
-                    torch._dynamo.maybe_mark_dynamic(t, d)
+    # parameters (a BN's gamma, beta) as plain tensors: the graphs compute values, not gradients
+    args = tuple(a.detach() if a is not None and a.requires_grad else a for a in args)
     try:
         out = fn(*args)
         _ran.add(fn)
         return out
+    except (_TooManyGraphs, _Unguardable) as e:
+        _warn_once(f"tritonact: {e}; the eager torch reference runs for such inputs")
+        return None
     except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager reference, loudly once
         if not _is_compile_error(e):
             raise
@@ -315,9 +406,19 @@ def _call(kind: str, key: tuple, *args):
         return None
 
 
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def _is_compile_error(e: Exception) -> bool:
     mod = type(e).__module__
-    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.fx")) or isinstance(e, (OSError, ImportError))
+    torch_parts = ("torch._dynamo", "torch._inductor", "torch.fx", "torch._subclasses", "torch._functorch")
+    return mod.startswith(torch_parts) or isinstance(e, (OSError, ImportError))
 
 
 # ----------------------------------------------------------------------------------------------------------

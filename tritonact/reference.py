@@ -49,6 +49,13 @@ def apply_act(z: torch.Tensor, act: str) -> torch.Tensor:
     return z
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor of a trace (``tritonact.compiled``), whose values cannot be asked for."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def code_params(
     *,
     bits: int,
@@ -127,7 +134,7 @@ def code_params(
         dn = torch.clamp(-neg_lo / torch.clamp(nneg, min=1.0), min=_TINY)
         A, B = absg, torch.zeros_like(wmin)
         # (on a GPU always applied, as no-ops where gamma != 0: asking deg.any() would stall on a host sync)
-        if coded == "xh" and (deg.is_cuda or torch.compiler.is_compiling() or bool(deg.any())):
+        if coded == "xh" and (deg.is_cuda or torch.compiler.is_compiling() or _traced(deg) or bool(deg.any())):
             # gamma == 0: the output is act(beta), constant per channel; code xh on one uniform grid and make the
             # mask constant through nneg (all codes active, or none).
             act_beta = apply_act(beta, act)
