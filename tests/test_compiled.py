@@ -287,3 +287,19 @@ def test_graph_conditions_are_checked_per_input():
         torch.testing.assert_close(P, P_e)  # the sums' order differs; default fp32 tolerances
         assert (data != data_e).float().mean() < 0.01  # codes: equal but where a statistic's last bit moved an edge
     assert len(compiled._compiled("forward_sum", *key).graphs) == 2
+
+
+def test_graph_is_not_reused_for_other_strides():
+    """Same sizes, other strides (a channels_last max-pool index after an NCHW one): the graph traced for the first
+    layout must not serve the second (its generated code indexes by the traced strides); a second graph does."""
+    from tritonact import ops
+
+    geom = ((3, 3), (2, 2), (1, 1), (1, 1))
+    x = torch.randn(2, 8, 10, 10)
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.contiguous_format):
+        _, idx = torch.nn.functional.max_pool2d(x.contiguous(memory_format=fmt), *geom[:3], dilation=geom[3],
+                                                return_indices=True)
+        local = compiled.pool_index("local", idx, tuple(x.shape), *geom)
+        assert torch.equal(local, ops._local_index(idx, tuple(x.shape), *geom)), fmt
+    key = next(g for g in compiled._ran if g.name.startswith("pool_index('local', (3, 3), (2, 2)"))
+    assert len(key.graphs) == 2

@@ -1,4 +1,4 @@
-"""The CPU path's per-unit work, compiled: the torch reference's formulas fused by ``torch.compile`` (TorchInductor).
+"""The CPU path's per-unit work, compiled: the torch reference's formulas fused by TorchInductor's C++ backend.
 
 In eager PyTorch a unit's forward codes, its backward and the decode for a convolution's weight gradient each take
 about ten elementwise passes over the activation plus a few dozen tiny per-channel ops; compiled, each is one or two
@@ -10,8 +10,11 @@ Layout: a tensor dense in memory order ``perm`` is viewed as ``(outer, C, inner)
 channels_last: ``(N*H*W, C, 1)``) and per-channel ``(C,)`` vectors as ``(1, C, 1)``; codes are packed and unpacked
 a machine word at a time (see ``_pack``). Shapes whose number of codes is not a multiple of the codes per word (8 at
 4 bits, 4 at 2 bits) run the eager reference.
-Each function is compiled once per static key (bits, activation, window, dtype...) with dynamic sizes, so a model's
-many shapes share one compilation.
+
+Each function is traced (``make_fx``, symbolic sizes) and compiled (``torch._inductor.standalone_compile``) per
+static key (bits, activation, window, dtypes...), and called directly, without ``torch.compile``'s per-call
+machinery (see :class:`_Graphs`): one graph serves a model's many shapes, and a shape outside the conditions a graph
+was compiled under gets one of its own.
 
 ``ApproxConfig(compile=False)`` or ``TRITONACT_COMPILE=0`` turns compilation off (the eager reference runs). If
 compiling fails (no C++ compiler, an unsupported torch), a warning says why once and the eager reference runs from
@@ -36,7 +39,7 @@ __all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "decode_act", "uni
 _R = ref.R
 _CODES_PER_WORD = {8: 1, 4: 8, 2: 4}  # codes per packing word (see ``_pack``): a code count must be a multiple
 _failed: str | None = None  # why compilation was given up, once it was
-_ran: set = set()  # compiled functions that have run once
+_ran: set = set()  # keys' graph sets (_Graphs) that have run once
 
 
 def enabled(device: torch.device) -> bool:
@@ -266,17 +269,18 @@ def _quiet_cpp_extension() -> None:
 
 class _Graphs:
     """One key's compiled graphs. Each is traced with symbolic sizes (``make_fx``) and compiled by inductor
-    (``torch._inductor.standalone_compile``), and holds the shape conditions its trace and compilation assumed
-    (e.g. "the per-channel reduction has more than 4096 elements": inductor then sums in chunks); an input that
-    violates them gets a graph of its own. Calls go straight to the compiled code: without dynamo's frame
-    evaluation, guard tree and runtime wrappers, a call costs about half as much, and far less when the caches are
-    cold, as they are between a model's convolutions (measured: docs/kernels.md). Which graph serves an input is
-    found once per distinct input signature (dtypes, sizes, strides, storage offsets) and remembered."""
+    (``torch._inductor.standalone_compile``), and holds what its trace and compilation assumed of the inputs: their
+    dtypes, their sizes and strides as expressions of the trace's symbols, and conditions on those symbols (e.g.
+    "the per-channel reduction has more than 4096 elements": inductor then sums in chunks). An input that differs
+    gets a graph of its own. Calls go straight to the compiled code: without dynamo's frame evaluation, guard tree
+    and runtime wrappers a call costs about half as much, and far less when the caches are cold, as they are between
+    a model's convolutions (measured: docs/kernels.md). Which graph serves an input is found once per distinct input
+    signature (dtypes, sizes, strides, storage offsets) and remembered."""
 
     def __init__(self, kind: str, key: tuple):
         self.fn = _MAKERS[kind](*key)
         self.name = f"{kind}{key}"
-        self.graphs: list[tuple] = []  # (conditions, {symbol: (arg, what, dim)}, compiled callable)
+        self.graphs: list[_Graph] = []
         self.memo: dict = {}
 
     def __call__(self, *args):
@@ -290,36 +294,49 @@ class _Graphs:
         return graph(*args)
 
     def _graph_for(self, args):
-        for conditions, symbols, graph in self.graphs:
-            if _hold(conditions, symbols, args):
-                return graph
+        for graph in self.graphs:
+            if graph.accepts(args):
+                return graph.compiled
         if len(self.graphs) >= _GRAPH_LIMIT:
             raise _TooManyGraphs(f"{self.name}: {_GRAPH_LIMIT} graphs compiled already")
-        graph = self._compile(args)
-        return graph
+        graph = _Graph.compile(self.fn, args, self.name)
+        self.graphs.append(graph)
+        return graph.compiled
 
-    def _compile(self, args):
+
+class _Graph:
+    """A compiled graph and what it assumes of its inputs (see :class:`_Graphs`)."""
+
+    def __init__(self, compiled, specs, symbols, conditions):
+        self.compiled = compiled
+        self.specs = specs  # per input: None, or (dtype, size expressions, stride expressions)
+        self.symbols = symbols  # {symbol: (input, "size" | "stride" | "offset", dim)}
+        self.conditions = conditions  # sympy booleans over the symbols
+
+    @classmethod
+    def compile(cls, fn, args, name: str) -> _Graph:
         import torch._inductor
         import torch.fx.experimental._config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
 
         if not hasattr(torch._inductor, "standalone_compile"):
             raise ImportError(f"torch {torch.__version__} has no torch._inductor.standalone_compile")
-
         # no duck sizing: two sizes equal in the example must not become one symbol
         with fx_config.patch(use_duck_shape=False):
-            gm = make_fx(self.fn, tracing_mode="symbolic")(*args)
+            gm = make_fx(fn, tracing_mode="symbolic")(*args)
         fakes = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
         # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
         # symbols; without its caches of whole graphs, which on a hit restore a graph without restating the
         # conditions it was compiled under (the C++ of a graph is still cached: a warm compile takes seconds).
         with torch._inductor.config.patch(fx_graph_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
-            graph = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
-        symbols = {}
+            compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
+        symbols, specs = {}, []
         for i, val in enumerate(fakes):
             if not isinstance(val, torch.Tensor):
+                specs.append(None)
                 continue
+            specs.append((val.dtype, [_sym_expr(v) for v in val.shape], [_sym_expr(v) for v in val.stride()]))
             for what, seq in (("size", val.shape), ("stride", val.stride()), ("offset", (val.storage_offset(),))):
                 for d, v in enumerate(seq):
                     # the symbol the trace made for this size, before the shape env unified it with equal ones
@@ -327,13 +344,45 @@ class _Graphs:
                     if e is not None and e.is_Symbol:
                         symbols.setdefault(e, (i, what, d))
         conditions = [g.expr for g in gm.shape_env.guards]
-        unknown = set().union(*(c.free_symbols for c in conditions)) - set(symbols) if conditions else set()
+        exprs = conditions + [e for s in specs if s is not None for e in (*s[1], *s[2])]
+        unknown = set().union(*(e.free_symbols for e in exprs)) - set(symbols) if exprs else set()
         if unknown:
-            raise _Unguardable(f"{self.name}: conditions on {sorted(map(str, unknown))}, not input sizes")
-        if not _hold(conditions, symbols, args):
-            raise _Unguardable(f"{self.name}: its own example input violates its conditions")
-        self.graphs.append((conditions, symbols, graph))
+            raise _Unguardable(f"{name}: conditions on {sorted(map(str, unknown))}, not input sizes")
+        graph = cls(compiled, specs, symbols, conditions)
+        if not graph.accepts(args):
+            raise _Unguardable(f"{name}: its own example input violates its conditions")
         return graph
+
+    def accepts(self, args) -> bool:
+        """Whether ``args`` have the dtypes, sizes and strides the graph expects and satisfy its conditions."""
+        import sympy
+
+        if len(args) != len(self.specs):
+            return False
+        values = {}
+        for sym, (i, what, d) in self.symbols.items():
+            a = args[i]
+            v = a.shape[d] if what == "size" else a.stride(d) if what == "stride" else a.storage_offset()
+            values[sym] = sympy.Integer(v)
+        for spec, a in zip(self.specs, args):
+            if spec is None or a is None:
+                if (spec is None) != (a is None):
+                    return False
+                continue
+            dtype, sizes, strides = spec
+            if a.dtype != dtype or a.dim() != len(sizes):
+                return False
+            for e, v in zip((*sizes, *strides), (*a.shape, *a.stride())):
+                if e.xreplace(values) != v:
+                    return False
+        return all(c.xreplace(values) in (sympy.true, True) for c in self.conditions)
+
+
+def _sym_expr(v):
+    """A size or stride of a trace's fake tensor as a sympy expression (an int as a sympy integer)."""
+    import sympy
+
+    return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(v)
 
 
 class _TooManyGraphs(RuntimeError):
@@ -348,21 +397,6 @@ _GRAPH_LIMIT = 8  # graphs per key; past it the eager reference runs for inputs 
 _MEMO_LIMIT = 4096  # remembered input signatures per key
 
 
-def _hold(conditions, symbols, args) -> bool:
-    """Whether ``args`` satisfy a graph's shape ``conditions`` (sympy booleans over ``symbols``)."""
-    import sympy
-
-    values = {}
-    for sym, (i, what, d) in symbols.items():
-        a = args[i]
-        v = a.shape[d] if what == "size" else a.stride(d) if what == "stride" else a.storage_offset()
-        values[sym] = sympy.Integer(v)
-    for c in conditions:
-        if c.xreplace(values) not in (sympy.true, True):
-            return False
-    return True
-
-
 @functools.cache
 def _compiled(kind: str, *key) -> _Graphs:
     _quiet_cpp_extension()
@@ -375,9 +409,9 @@ def _rows(v3, bits: int) -> bool:
 
 
 def _cls(v3, *tensors) -> tuple:
-    """The part of a key that would otherwise make dynamo recompile one function: the input dtypes and which of the
-    ``(outer, C, inner)`` sizes are 1 (dynamo specializes size-1 dims). Each key then sees a single kind of input,
-    and its first call's sizes, marked dynamic, give a graph that serves every later call."""
+    """The part of a key a graph cannot take as a symbol: the input dtypes and which of the ``(outer, C, inner)``
+    sizes are 1 (a symbolic trace specializes size-1 dims, and the compiled code asserts them). Each key then sees a
+    single kind of input."""
     return tuple(n == 1 for n in v3) + tuple(t.dtype for t in tensors if t is not None)
 
 

@@ -39,8 +39,8 @@ class ApproxConfig:
         ring: keep full-precision activations in a ring of shared buffers (docs/memory.md). ``None`` (default):
             on for CUDA tensors, off on CPU, where the allocator hands freed memory straight back and a resident
             ring only adds to the peak (measured in docs/memory.md). Results are bitwise identical either way.
-        compile: run the CPU path's per-unit work compiled by ``torch.compile`` (TorchInductor C++, one compilation
-            per kind of unit, a few seconds each, cached on disk by torch) instead of eager op by op. ``None``
+        compile: run the CPU path's per-unit work compiled by TorchInductor's C++ backend (one or two graphs per
+            kind of unit, a few seconds each; the C++ is cached on disk by torch) instead of eager op by op. ``None``
             (default): on, unless the environment sets ``TRITONACT_COMPILE=0``. Same codes as eager (bit for bit
             given the same grid); no effect on CUDA tensors (the Triton kernels run there).
     """

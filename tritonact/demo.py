@@ -111,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default 1: this model's small convolutions gain little from more, and "
                         "extra threads slow down badly when the cores are shared)")
     p.add_argument("--compile", action="store_true",
-                   help="CPU: run the compiled CPU path (torch.compile; ~1 min of compilation per bit width on 2 "
+                   help="CPU: run the compiled CPU path (TorchInductor; ~1 min of compilation per bit width on 2 "
                         "cores, more than this tiny model's training saves); default: the eager torch path")
     p.add_argument("--train-samples", type=_positive_int, default=None, metavar="N",
                    help="train on the first N training samples only (default: all)")

@@ -7,6 +7,7 @@ saves the very same tensors, so it is stored once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -263,10 +264,18 @@ def _params(spec, act, coded, stats, gamma, beta):
     )
 
 
+def _no_autocast(device_type: str):
+    """Autocast off inside a unit (its formulas run in fp32); a no-op context where autocast is off already (entering
+    ``torch.autocast`` costs tens of microseconds of python per call)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _BNActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, box, res_meta, y, gamma, beta, residual, *res_tensors):
-        with torch.autocast(y.device.type, enabled=False):
+        with _no_autocast(y.device.type):
             if spec.backend == "triton":
                 from tritonact.kernels.bn_act import unit_forward
 
@@ -300,7 +309,7 @@ class _BNActFn(torch.autograd.Function):
         meta: ActMeta = ctx.meta
         use_compiled = meta.backend == "torch" and meta.compiled and compiled.enabled(g.device)
         use_compiled = use_compiled and compiled.layout3(meta.shape, meta.perm, meta.bits) is not None
-        with torch.autocast(g.device.type, enabled=False):
+        with _no_autocast(g.device.type):
             residual = xh_code = res_code = None
             if ctx.res_mode == "xh":
                 xh_code = tuple(extra)

@@ -12,6 +12,7 @@ Codes are stored in the memory order of ``x`` (so channels_last stays channels_l
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -27,9 +28,14 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def memory_order(x: torch.Tensor) -> tuple[int, ...]:
     """Dims of ``x`` from outermost to innermost in memory (a permutation ``p`` with ``x.permute(p)`` dense)."""
+    return _order(x.stride())
+
+
+@functools.lru_cache(maxsize=1024)
+def _order(strides: tuple[int, ...]) -> tuple[int, ...]:
     # Stable sort on (-stride, dim) keeps size-1 dims in their logical place, which is what
     # torch's own memory-format inference does for NCHW / NHWC tensors.
-    return tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    return tuple(sorted(range(len(strides)), key=lambda d: (-strides[d], d)))
 
 
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
