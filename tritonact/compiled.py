@@ -259,7 +259,7 @@ def _quiet_cpp_extension() -> None:
     """Two log lines that say nothing about this path are filtered (only they): inductor imports
     ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only machine, and
     ``standalone_compile`` warns that it cannot save a serialized artifact, which is never asked for here (its
-    graph caches are off, see ``_Graphs._compile``)."""
+    graph caches are off, see ``_Graph.compile``)."""
     for name, line in (("torch.utils.cpp_extension", _no_cuda_runtime_line),
                        ("torch._inductor.standalone_compile", _no_artifact_line)):
         logger = logging.getLogger(name)
