@@ -303,3 +303,18 @@ def test_graph_is_not_reused_for_other_strides():
         assert torch.equal(local, ops._local_index(idx, tuple(x.shape), *geom)), fmt
     key = next(g for g in compiled._ran if g.name.startswith("pool_index('local', (3, 3), (2, 2)"))
     assert len(key.graphs) == 2
+
+
+def test_graph_limit_runs_eager_and_remembers(monkeypatch):
+    """Past the graphs-per-key limit an input runs eagerly (the entry point returns None), with one warning, and
+    the decision is remembered for that input (no compilation attempt per call)."""
+    monkeypatch.setattr(compiled, "_GRAPH_LIMIT", 0)
+    key = (4, "relu", 1.75, 0.75, True, False, False, False, torch.float32, torch.float32)  # used by no other test
+    s, gamma, beta = torch.randn(2, 8, 16), torch.rand(8) + 0.5, torch.randn(8)
+    with pytest.warns(RuntimeWarning, match="graphs compiled already"):
+        assert compiled._call("forward_sum", key, s, gamma, beta) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compiled._call("forward_sum", key, s, gamma, beta) is None
+    graphs = compiled._compiled("forward_sum", *key)
+    assert graphs.graphs == [] and list(graphs.memo.values()) == [False]

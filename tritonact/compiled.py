@@ -282,8 +282,10 @@ class _Graphs:
         self.name = f"{kind}{key}"
         self.graphs: list[_Graph] = []
         self.memo: dict = {}
+        self.unguardable = False  # a trace made conditions this class cannot check: the key runs eagerly
 
     def __call__(self, *args):
+        """The compiled result, or None where the eager reference must run (remembered: no retry per call)."""
         sig = tuple(None if a is None else (a.dtype, a.shape, a.stride(), a.storage_offset()) for a in args)
         graph = self.memo.get(sig)
         if graph is None:
@@ -291,15 +293,24 @@ class _Graphs:
             if len(self.memo) >= _MEMO_LIMIT:
                 self.memo.clear()
             self.memo[sig] = graph
-        return graph(*args)
+        return graph(*args) if graph is not False else None
 
     def _graph_for(self, args):
+        if self.unguardable:
+            return False
         for graph in self.graphs:
             if graph.accepts(args):
                 return graph.compiled
         if len(self.graphs) >= _GRAPH_LIMIT:
-            raise _TooManyGraphs(f"{self.name}: {_GRAPH_LIMIT} graphs compiled already")
-        graph = _Graph.compile(self.fn, args, self.name)
+            _warn_once(f"tritonact: {self.name}: {_GRAPH_LIMIT} graphs compiled already; the eager torch reference "
+                       "runs for inputs none of them accepts")
+            return False
+        try:
+            graph = _Graph.compile(self.fn, args, self.name)
+        except _Unguardable as e:
+            self.unguardable = True
+            _warn_once(f"tritonact: {e}; the eager torch reference runs for this key")
+            return False
         self.graphs.append(graph)
         return graph.compiled
 
@@ -385,15 +396,11 @@ def _sym_expr(v):
     return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(v)
 
 
-class _TooManyGraphs(RuntimeError):
-    pass
-
-
 class _Unguardable(RuntimeError):
     pass
 
 
-_GRAPH_LIMIT = 8  # graphs per key; past it the eager reference runs for inputs no graph covers
+_GRAPH_LIMIT = 8  # graphs per key; past it the eager reference runs for inputs no graph accepts
 _MEMO_LIMIT = 4096  # remembered input signatures per key
 
 
@@ -417,7 +424,7 @@ def _cls(v3, *tensors) -> tuple:
 
 def _call(kind: str, key: tuple, *args):
     """Run compiled ``kind`` for ``key``. Returns None (the caller runs the eager reference) once compilation has
-    failed, or for an input this key can no longer compile a graph for."""
+    failed, or for an input this key does not compile a graph for (see :class:`_Graphs`)."""
     global _failed
     if _failed is not None:
         return None
@@ -428,9 +435,6 @@ def _call(kind: str, key: tuple, *args):
         out = fn(*args)
         _ran.add(fn)
         return out
-    except (_TooManyGraphs, _Unguardable) as e:
-        _warn_once(f"tritonact: {e}; the eager torch reference runs for such inputs")
-        return None
     except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the eager reference, loudly once
         if not _is_compile_error(e):
             raise
@@ -446,7 +450,7 @@ _warned: set = set()
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=6)  # the caller of the entry point (forward_xh...)
 
 
 def _is_compile_error(e: Exception) -> bool:
