@@ -255,7 +255,7 @@ def _no_artifact_line(record: logging.LogRecord) -> bool:
     return "artifact generation failed, cannot save" not in record.getMessage()
 
 
-def _quiet_cpp_extension() -> None:
+def _quiet_logs() -> None:
     """Two log lines that say nothing about this path are filtered (only they): inductor imports
     ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only machine, and
     ``standalone_compile`` warns that it cannot save a serialized artifact, which is never asked for here (its
@@ -406,7 +406,7 @@ _MEMO_LIMIT = 4096  # remembered input signatures per key
 
 @functools.cache
 def _compiled(kind: str, *key) -> _Graphs:
-    _quiet_cpp_extension()
+    _quiet_logs()
     return _Graphs(kind, key)
 
 
