@@ -114,9 +114,29 @@ def _store(ptr, off, v, m):
 
 @triton.jit
 def _bn_stats_fwd_kernel(
-    part_ptr, y_ptr, syo, syc, syi, r_ptr, sro, src, sri, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-    outer, C, inner, n_tiles, SUM: tl.constexpr, Z_DT: tl.constexpr, S_DT: tl.constexpr, BO: tl.constexpr,
-    BC: tl.constexpr, BI: tl.constexpr,
+    part_ptr,
+    y_ptr,
+    syo,
+    syc,
+    syi,
+    r_ptr,
+    sro,
+    src,
+    sri,
+    mean_ptr,
+    invstd_ptr,
+    gamma_ptr,
+    beta_ptr,
+    outer,
+    C,
+    inner,
+    n_tiles,
+    SUM: tl.constexpr,
+    Z_DT: tl.constexpr,
+    S_DT: tl.constexpr,
+    BO: tl.constexpr,
+    BC: tl.constexpr,
+    BI: tl.constexpr,
 ):
     pid, cb, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     c = cb.to(tl.int64) * BC + tl.arange(0, BC)
@@ -163,9 +183,34 @@ def _bn_stats_fwd_kernel(
 
 @triton.jit
 def _bn_act_fwd_kernel(
-    out_ptr, data_ptr, xdata_ptr, y_ptr, syo, syc, syi, r_ptr, sro, src, sri, mean_ptr, invstd_ptr, gamma_ptr,
-    beta_ptr, p_ptr, xp_ptr, numel, nbytes, C, inner, ACT: tl.constexpr, RES: tl.constexpr, XH: tl.constexpr,
-    Z_DT: tl.constexpr, S_DT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    data_ptr,
+    xdata_ptr,
+    y_ptr,
+    syo,
+    syc,
+    syi,
+    r_ptr,
+    sro,
+    src,
+    sri,
+    mean_ptr,
+    invstd_ptr,
+    gamma_ptr,
+    beta_ptr,
+    p_ptr,
+    xp_ptr,
+    numel,
+    nbytes,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    RES: tl.constexpr,
+    XH: tl.constexpr,
+    Z_DT: tl.constexpr,
+    S_DT: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS
     BYTES: tl.constexpr = BLOCK // PER
@@ -200,8 +245,18 @@ def _bn_act_fwd_kernel(
 
 @triton.jit
 def _decode_fwd_kernel(
-    out_ptr, mask_ptr, data_ptr, p_ptr, numel, nbytes, C, inner,
-    ACT: tl.constexpr, VALUE: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    mask_ptr,
+    data_ptr,
+    p_ptr,
+    numel,
+    nbytes,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    VALUE: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS
     BYTES: tl.constexpr = BLOCK // PER
@@ -225,8 +280,30 @@ def _decode_fwd_kernel(
 
 @triton.jit
 def _bwd_tile(
-    t, cb, g_ptr, sgo, sgc, sgi, data_ptr, p_ptr, r_ptr, sro, src, sri, xdata_ptr, xp_ptr, gamma_ptr, beta_ptr,
-    outer, C, inner, ACT: tl.constexpr, XH: tl.constexpr, BITS: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr,
+    t,
+    cb,
+    g_ptr,
+    sgo,
+    sgc,
+    sgi,
+    data_ptr,
+    p_ptr,
+    r_ptr,
+    sro,
+    src,
+    sri,
+    xdata_ptr,
+    xp_ptr,
+    gamma_ptr,
+    beta_ptr,
+    outer,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    XH: tl.constexpr,
+    BITS: tl.constexpr,
+    BO: tl.constexpr,
+    BC: tl.constexpr,
     BI: tl.constexpr,
 ):
     """``(g_z, xh~)`` of one tile, plus its indices and mask. XH: 0 = xh~ is w~, 1 = recovered from the sum's code
@@ -253,17 +330,62 @@ def _bwd_tile(
 
 @triton.jit
 def _bn_act_reduce_bwd_kernel(
-    part_ptr, g_ptr, sgo, sgc, sgi, data_ptr, p_ptr, r_ptr, sro, src, sri, xdata_ptr, xp_ptr, gamma_ptr, beta_ptr,
-    outer, C, inner, n_tiles, ACT: tl.constexpr, XH: tl.constexpr, BITS: tl.constexpr, BO: tl.constexpr,
-    BC: tl.constexpr, BI: tl.constexpr,
+    part_ptr,
+    g_ptr,
+    sgo,
+    sgc,
+    sgi,
+    data_ptr,
+    p_ptr,
+    r_ptr,
+    sro,
+    src,
+    sri,
+    xdata_ptr,
+    xp_ptr,
+    gamma_ptr,
+    beta_ptr,
+    outer,
+    C,
+    inner,
+    n_tiles,
+    ACT: tl.constexpr,
+    XH: tl.constexpr,
+    BITS: tl.constexpr,
+    BO: tl.constexpr,
+    BC: tl.constexpr,
+    BI: tl.constexpr,
 ):
     pid, cb, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     s_gz = tl.zeros([BO, BC, BI], tl.float32)
     s_gzxh = tl.zeros([BO, BC, BI], tl.float32)
     for t in range(pid, n_tiles, n_split):
         gz, xh, i, c3, m = _bwd_tile(
-            t, cb, g_ptr, sgo, sgc, sgi, data_ptr, p_ptr, r_ptr, sro, src, sri, xdata_ptr, xp_ptr, gamma_ptr,
-            beta_ptr, outer, C, inner, ACT, XH, BITS, BO, BC, BI,
+            t,
+            cb,
+            g_ptr,
+            sgo,
+            sgc,
+            sgi,
+            data_ptr,
+            p_ptr,
+            r_ptr,
+            sro,
+            src,
+            sri,
+            xdata_ptr,
+            xp_ptr,
+            gamma_ptr,
+            beta_ptr,
+            outer,
+            C,
+            inner,
+            ACT,
+            XH,
+            BITS,
+            BO,
+            BC,
+            BI,
         )
         s_gz += gz
         s_gzxh += gz * xh
@@ -275,13 +397,60 @@ def _bn_act_reduce_bwd_kernel(
 
 @triton.jit
 def _bn_act_bwd_kernel(
-    gy_ptr, gres_ptr, g_ptr, sgo, sgc, sgi, data_ptr, p_ptr, r_ptr, sro, src, sri, xdata_ptr, xp_ptr, gamma_ptr,
-    beta_ptr, coef_ptr, outer, C, inner, ACT: tl.constexpr, XH: tl.constexpr, JOIN: tl.constexpr,
-    BITS: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, BI: tl.constexpr,
+    gy_ptr,
+    gres_ptr,
+    g_ptr,
+    sgo,
+    sgc,
+    sgi,
+    data_ptr,
+    p_ptr,
+    r_ptr,
+    sro,
+    src,
+    sri,
+    xdata_ptr,
+    xp_ptr,
+    gamma_ptr,
+    beta_ptr,
+    coef_ptr,
+    outer,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    XH: tl.constexpr,
+    JOIN: tl.constexpr,
+    BITS: tl.constexpr,
+    BO: tl.constexpr,
+    BC: tl.constexpr,
+    BI: tl.constexpr,
 ):
     gz, xh, i, c3, m = _bwd_tile(
-        tl.program_id(0), tl.program_id(1), g_ptr, sgo, sgc, sgi, data_ptr, p_ptr, r_ptr, sro, src, sri, xdata_ptr,
-        xp_ptr, gamma_ptr, beta_ptr, outer, C, inner, ACT, XH, BITS, BO, BC, BI,
+        tl.program_id(0),
+        tl.program_id(1),
+        g_ptr,
+        sgo,
+        sgc,
+        sgi,
+        data_ptr,
+        p_ptr,
+        r_ptr,
+        sro,
+        src,
+        sri,
+        xdata_ptr,
+        xp_ptr,
+        gamma_ptr,
+        beta_ptr,
+        outer,
+        C,
+        inner,
+        ACT,
+        XH,
+        BITS,
+        BO,
+        BC,
+        BI,
     )
     # coef rows: gamma * invstd, mean(g_z), mean(g_z * xh~)  (op order of reference.bn_backward_ref)
     scale = tl.load(coef_ptr + c3, mask=c3 < C, other=0.0)
@@ -356,8 +525,20 @@ def bn_stats_forward(y, residual=None, mean=None, invstd=None, gamma=None, beta=
     part = torch.empty(5, grid[0], C, dtype=torch.float32, device=y3.device)
     vecs = (mean, invstd, gamma, beta) if residual is not None else (part,) * 4
     _bn_stats_fwd_kernel[grid](
-        part, y3, *y3.stride(), r3, *r3.stride(), *vecs, outer, C, inner, n_tiles, SUM=residual is not None,
-        **_dtypes(y, residual)[1], **meta, **_EXACT,
+        part,
+        y3,
+        *y3.stride(),
+        r3,
+        *r3.stride(),
+        *vecs,
+        outer,
+        C,
+        inner,
+        n_tiles,
+        SUM=residual is not None,
+        **_dtypes(y, residual)[1],
+        **meta,
+        **_EXACT,
     )
     n, mu, m2 = part[:3].double()
     tot = n.sum(0)
@@ -386,9 +567,31 @@ def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act
     cfg = launch_config("bn_fwd", bits=bits, spatial=inner)
     grid = (max(1, triton.cdiv(numel, cfg["BLOCK"])),)
     _bn_act_fwd_kernel[grid](
-        dst, data, xdata if xdata is not None else data, y3, *y3.stride(), r3, *r3.stride(), mean, invstd, gamma,
-        beta, P, xP if xP is not None else P, numel, nbytes, C, inner, ACT=act, RES=residual is not None,
-        XH=xP is not None, **dts, BITS=bits, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], **_EXACT,
+        dst,
+        data,
+        xdata if xdata is not None else data,
+        y3,
+        *y3.stride(),
+        r3,
+        *r3.stride(),
+        mean,
+        invstd,
+        gamma,
+        beta,
+        P,
+        xP if xP is not None else P,
+        numel,
+        nbytes,
+        C,
+        inner,
+        ACT=act,
+        RES=residual is not None,
+        XH=xP is not None,
+        **dts,
+        BITS=bits,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+        **_EXACT,
     )
     return (dst if out is None or dst is out else out.copy_(dst)), data, xdata
 
@@ -405,18 +608,24 @@ def unit_forward(spec, y, gamma, beta, residual, out=None):
         n = y.numel() // y.shape[1]
         for buf, new in ((bn.running_mean, mean64), (bn.running_var, var64 * (n / max(n - 1, 1)))):
             buf.copy_(eaf * new + (1.0 - eaf) * buf.double())
-    grid = dict(bits=cfg.bits, gamma=gamma, beta=beta, window=cfg.effective_window,
-                positive_fraction=cfg.positive_fraction)
+    grid = dict(
+        bits=cfg.bits, gamma=gamma, beta=beta, window=cfg.effective_window, positive_fraction=cfg.positive_fraction
+    )
     # min/max of xh from those of y: (y - mean) * invstd is monotone in y, also after fp32 rounding
-    xh_stats = dict(wmin=(ymin - mean) * invstd, wmax=(ymax - mean) * invstd, wmean=torch.zeros_like(mean),
-                    wstd=torch.ones_like(mean))
+    xh_stats = dict(
+        wmin=(ymin - mean) * invstd,
+        wmax=(ymax - mean) * invstd,
+        wmean=torch.zeros_like(mean),
+        wstd=torch.ones_like(mean),
+    )
     xP = None
     if residual is None:
         P = ref.code_params(act=spec.act, coded="xh", **xh_stats, **grid)
     else:
         smean, svar, smin, smax = bn_stats_forward(y, residual, mean, invstd, gamma, beta)
-        P = ref.code_params(act=spec.act, coded="sum", wmin=smin, wmax=smax, wmean=smean.float(),
-                            wstd=svar.sqrt().float(), **grid)
+        P = ref.code_params(
+            act=spec.act, coded="sum", wmin=smin, wmax=smax, wmean=smean.float(), wstd=svar.sqrt().float(), **grid
+        )
         if spec.store_xh:
             xP = ref.code_params(act="none", coded="xh", **xh_stats, **grid)
     out, data, xdata = bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, cfg.bits, spec.act, out)
@@ -431,8 +640,20 @@ def _decode_launch(data, P, bits, shape, perm, act, dtype, value):
     mask = _empty(shape, perm, torch.uint8, data.device) if value else out
     cfg = launch_config("bn_decode", bits=bits, spatial=inner)
     _decode_fwd_kernel[(max(1, triton.cdiv(numel, cfg["BLOCK"])),)](
-        out, mask, data, P, numel, data.numel(), shape[1], inner, ACT=act, VALUE=value, BITS=bits,
-        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], **_EXACT,
+        out,
+        mask,
+        data,
+        P,
+        numel,
+        data.numel(),
+        shape[1],
+        inner,
+        ACT=act,
+        VALUE=value,
+        BITS=bits,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+        **_EXACT,
     )
     return (out, mask.view(torch.bool)) if value else out
 
@@ -474,7 +695,19 @@ def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, resid
     g_res = _empty(shape, perm, g.dtype, g.device) if joined else None
     grid, _, meta = _tiles("bn_bwd", g3, split=False, bits=bits)
     _bn_act_bwd_kernel[grid](
-        g_y, g_res if joined else g_y, g3, *g3.stride(), *args, coef, outer, C, inner, ACT=act, XH=xh_mode,
-        JOIN=joined, BITS=bits, **meta,
+        g_y,
+        g_res if joined else g_y,
+        g3,
+        *g3.stride(),
+        *args,
+        coef,
+        outer,
+        C,
+        inner,
+        ACT=act,
+        XH=xh_mode,
+        JOIN=joined,
+        BITS=bits,
+        **meta,
     )
     return g_y, sum_gzxh, sum_gz, g_res

@@ -79,14 +79,25 @@ def quantize_forward(x: torch.Tensor, lo: torch.Tensor, rstep: torch.Tensor, bit
         return out
     cfg = launch_config("quantize", bits=bits, numel=numel)
     _quantize_fwd_kernel[_grid(nbytes, cfg["BLOCK"])](
-        out, x, lo, rstep, numel, nbytes, inner, x.shape[1], BITS=bits, BLOCK=cfg["BLOCK"],
-        num_warps=cfg["num_warps"], enable_fp_fusion=False,
+        out,
+        x,
+        lo,
+        rstep,
+        numel,
+        nbytes,
+        inner,
+        x.shape[1],
+        BITS=bits,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+        enable_fp_fusion=False,
     )
     return out
 
 
-def dequantize_forward(out: torch.Tensor, data: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
-                       inner: int) -> torch.Tensor:
+def dequantize_forward(
+    out: torch.Tensor, data: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, inner: int
+) -> torch.Tensor:
     """Decode ``data`` into ``out`` (dense, in memory order; its dtype is the decoded dtype)."""
     numel = out.numel()
     nbytes = data.numel()
@@ -95,7 +106,17 @@ def dequantize_forward(out: torch.Tensor, data: torch.Tensor, lo: torch.Tensor, 
     cfg = launch_config("dequantize", bits=bits, numel=numel)
     C = lo.numel()
     _dequantize_fwd_kernel[_grid(nbytes, cfg["BLOCK"])](
-        out, data, lo, step, numel, nbytes, inner, C, BITS=bits, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+        out,
+        data,
+        lo,
+        step,
+        numel,
+        nbytes,
+        inner,
+        C,
+        BITS=bits,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
         enable_fp_fusion=False,  # lo + (q + 0.5) * step rounded op by op, like torch (no FMA on the GPU)
     )
     return out

@@ -57,8 +57,9 @@ class KernelCase:
     nbytes: int  # bytes it must move (module docstring)
 
 
-def kernel_case(name: str, bits: int, shape, device, dtype=torch.float32, channels_last: bool = False,
-                backend: str | None = None) -> KernelCase:
+def kernel_case(
+    name: str, bits: int, shape, device, dtype=torch.float32, channels_last: bool = False, backend: str | None = None
+) -> KernelCase:
     """Inputs of kernel ``name`` at ``shape`` (activations ``(N, C, H, W)``) and a call of it on ``device``.
 
     ``backend``: ``"triton"`` (the launchers of ``tritonact.kernels``; on CPU tensors only under
@@ -79,11 +80,18 @@ def kernel_case(name: str, bits: int, shape, device, dtype=torch.float32, channe
         lo = torch.full((C,), -3.0, device=device)
         step = torch.full((C,), 6.0 / (1 << bits), device=device)
         if name == "quantize":
-            return KernelCase(name, bits, tuple(shape), dtype,
-                              lambda: tritonact.quantize(y, bits, lo, step, backend=backend), n * e + codes)
+            return KernelCase(
+                name,
+                bits,
+                tuple(shape),
+                dtype,
+                lambda: tritonact.quantize(y, bits, lo, step, backend=backend),
+                n * e + codes,
+            )
         p = tritonact.quantize(y, bits, lo, step, backend=backend)
-        return KernelCase(name, bits, tuple(shape), dtype, lambda: tritonact.dequantize(p, backend=backend),
-                          codes + n * e)
+        return KernelCase(
+            name, bits, tuple(shape), dtype, lambda: tritonact.dequantize(p, backend=backend), codes + n * e
+        )
 
     bn = nn.BatchNorm2d(C).to(device)
     spec = ops.UnitSpec("bench", bn, "relu", False, ApproxConfig(bits=bits, backend=backend), backend)
@@ -113,8 +121,7 @@ def kernel_case(name: str, bits: int, shape, device, dtype=torch.float32, channe
     if name == "bn_stats":
         return case(lambda: K.bn_stats_forward(y), n * e)
     mean = mean64.float()
-    return case(lambda: K.bn_act_forward(y, None, mean, invstd, gamma, beta, P, None, bits, "relu"),
-                2 * n * e + codes)
+    return case(lambda: K.bn_act_forward(y, None, mean, invstd, gamma, beta, P, None, bits, "relu"), 2 * n * e + codes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,8 +132,9 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 NUM_CLASSES = 10
 
 
-def build_model(arch: str, device, channels_last: bool = False, seed: int = 0,
-                blocks: tuple | None = None) -> nn.Module:
+def build_model(
+    arch: str, device, channels_last: bool = False, seed: int = 0, blocks: tuple | None = None
+) -> nn.Module:
     """A randomly initialised torchvision ``arch`` (10 classes) in training mode, the same weights for the same
     arguments. ``blocks``: residual blocks per stage instead of the architecture's own (``(1, 1, 1, 1)`` keeps
     every code path of resnet18/resnet50, BasicBlock or Bottleneck, downsampling joins, at a fraction of the cost:
@@ -303,8 +311,18 @@ def max_batch(fits: Callable[[int], bool], start: int = 8, cap: int = 4096, rel_
     return lo, probes
 
 
-def max_batch_in_budget(arch: str, mode: str, budget: int, res: int, device, channels_last: bool = False,
-                        start: int = 8, cap: int = 4096, blocks: tuple | None = None, rel_tol: float = 1 / 32) -> dict:
+def max_batch_in_budget(
+    arch: str,
+    mode: str,
+    budget: int,
+    res: int,
+    device,
+    channels_last: bool = False,
+    start: int = 8,
+    cap: int = 4096,
+    blocks: tuple | None = None,
+    rel_tol: float = 1 / 32,
+) -> dict:
     """``max_batch`` of a fresh ``arch`` training in ``mode`` under ``budget`` bytes."""
     model = build_model(arch, device, channels_last, blocks=blocks)
     with memory_budget(budget, device):

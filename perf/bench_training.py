@@ -66,8 +66,9 @@ def test_train_step(benchmark, arch, mode, smoke, device):
     benchmark.group = f"train {arch} {batch}x{res}px {device}"
     benchmark.extra_info.update(arch=arch, mode=mode, batch=batch, res=res, blocks=SMOKE_BLOCKS if smoke else "full")
     with training_mode(model, mode):
-        benchmark.pedantic(synced(lambda: train_step(model, x, target, optimizer), device), rounds=rounds,
-                           warmup_rounds=warmup)
+        benchmark.pedantic(
+            synced(lambda: train_step(model, x, target, optimizer), device), rounds=rounds, warmup_rounds=warmup
+        )
         # outside the timed rounds: memory runs its own (real) training steps
         benchmark.extra_info.update(memory_info(model, x, target, optimizer, res))
 
@@ -102,9 +103,17 @@ def test_step_time_ratio(benchmark, arch, size, smoke, device):
         benchmark.pedantic(pair, rounds=rounds)
     t_exact, t_approx = statistics.median(times["exact"]), statistics.median(times["4bit"])
     ratio = t_approx / t_exact
-    benchmark.extra_info.update(arch=arch, bits=4, batch=batch, res=res, rounds=len(times["exact"]),
-                                exact_median_s=round(t_exact, 5), approx_median_s=round(t_approx, 5),
-                                ratio=round(ratio, 4), cpu_path=_cpu_path(device))
+    benchmark.extra_info.update(
+        arch=arch,
+        bits=4,
+        batch=batch,
+        res=res,
+        rounds=len(times["exact"]),
+        exact_median_s=round(t_exact, 5),
+        approx_median_s=round(t_approx, 5),
+        ratio=round(ratio, 4),
+        cpu_path=_cpu_path(device),
+    )
     assert math.isfinite(ratio) and ratio > 0
 
 
@@ -139,9 +148,16 @@ def test_ring_step_time_ratio(benchmark, arch, smoke, device):
 
         benchmark.pedantic(pair, rounds=rounds)
     ratio = statistics.median(times["ring"]) / statistics.median(times["no ring"])
-    benchmark.extra_info.update(arch=arch, bits=4, batch=batch, res=res, rounds=len(times["ring"]),
-                                ring_median_s=round(statistics.median(times["ring"]), 5),
-                                no_ring_median_s=round(statistics.median(times["no ring"]), 5), ratio=round(ratio, 4))
+    benchmark.extra_info.update(
+        arch=arch,
+        bits=4,
+        batch=batch,
+        res=res,
+        rounds=len(times["ring"]),
+        ring_median_s=round(statistics.median(times["ring"]), 5),
+        no_ring_median_s=round(statistics.median(times["no ring"]), 5),
+        ratio=round(ratio, 4),
+    )
     assert math.isfinite(ratio) and ratio > 0
 
 
@@ -156,14 +172,19 @@ def test_max_batch_in_budget(benchmark, arch, smoke, device):
 
     def search():
         for mode in ("exact", "4bit"):
-            found[mode] = max_batch_in_budget(arch, mode, budget, res, device, cap=cap,
-                                              blocks=SMOKE_BLOCKS if smoke else None)
+            found[mode] = max_batch_in_budget(
+                arch, mode, budget, res, device, cap=cap, blocks=SMOKE_BLOCKS if smoke else None
+            )
 
     benchmark.group = f"max-batch {arch} {res}px {device}"
     benchmark.pedantic(search, rounds=1)
-    benchmark.extra_info.update(arch=arch, res=res, budget_mib=round(budget / MiB), cap=cap, **{
-        f"max_batch_{mode}": r["max_batch"] for mode, r in found.items()
-    })
+    benchmark.extra_info.update(
+        arch=arch,
+        res=res,
+        budget_mib=round(budget / MiB),
+        cap=cap,
+        **{f"max_batch_{mode}": r["max_batch"] for mode, r in found.items()},
+    )
     benchmark.extra_info["probes"] = {mode: r["probes"] for mode, r in found.items()}
     if found["exact"]["max_batch"]:
         benchmark.extra_info["ratio"] = round(found["4bit"]["max_batch"] / found["exact"]["max_batch"], 3)

@@ -48,16 +48,38 @@ TARGET_FRACTION = 0.70
 TARGET_RATIO = 1.10
 
 FULL = {
-    "kernel_shape": (64, 256, 56, 56), "copy_bytes": 1 << 30, "reps": 20, "repeats": 5,
-    "arch": "resnet50", "batch": 64, "res": 224, "rounds": 10, "warmup": 3, "blocks": None,
-    "budget": 8 << 30, "budget_res": 224, "rel_tol": 1 / 32, "cap": 4096,
+    "kernel_shape": (64, 256, 56, 56),
+    "copy_bytes": 1 << 30,
+    "reps": 20,
+    "repeats": 5,
+    "arch": "resnet50",
+    "batch": 64,
+    "res": 224,
+    "rounds": 10,
+    "warmup": 3,
+    "blocks": None,
+    "budget": 8 << 30,
+    "budget_res": 224,
+    "rel_tol": 1 / 32,
+    "cap": 4096,
 }
 SMOKE = {
-    "kernel_shape": (2, 8, 7, 7), "copy_bytes": 4 << 20, "reps": 2, "repeats": 2,
-    "arch": "resnet50", "batch": 2, "res": 32, "rounds": 2, "warmup": 1, "blocks": (1, 1, 1, 1),
+    "kernel_shape": (2, 8, 7, 7),
+    "copy_bytes": 4 << 20,
+    "reps": 2,
+    "repeats": 2,
+    "arch": "resnet50",
+    "batch": 2,
+    "res": 32,
+    "rounds": 2,
+    "warmup": 1,
+    "blocks": (1, 1, 1, 1),
     # weights, gradients and momentum take ~92 MiB, batch 16 / 32 of 64x64 peak at ~104 / ~149 MiB exact and
     # ~93 / ~114 MiB at 4 bits (MemTracker): the search brackets a different batch in each mode
-    "budget": 110 << 20, "budget_res": 64, "rel_tol": 1 / 2, "cap": 32,
+    "budget": 110 << 20,
+    "budget_res": 64,
+    "rel_tol": 1 / 2,
+    "cap": 32,
 }
 STAGE_FILES = {"kernels": "kernels.json", "train": "train.json", "maxbatch": "maxbatch.json"}
 
@@ -75,9 +97,13 @@ def machine(device) -> dict:
         triton_version = None
     return {
         "device": torch.cuda.get_device_name() if is_cuda(device) else f"cpu ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "triton": triton_version, "tritonact": tritonact.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "tritonact": tritonact.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "cpu_threads": torch.get_num_threads(),
     }
 
 
@@ -104,24 +130,39 @@ def stage_kernels(cfg: dict, device) -> dict:
     for kernel, bits, dtype, cl in cases:
         if kernel in GPU_ONLY and not is_cuda(device):
             continue
-        row = {"kernel": kernel, "bits": bits, "dtype": str(dtype).split(".")[-1],
-               "layout": "channels_last" if cl else "nchw", "shape": list(shape)}
+        row = {
+            "kernel": kernel,
+            "bits": bits,
+            "dtype": str(dtype).split(".")[-1],
+            "layout": "channels_last" if cl else "nchw",
+            "shape": list(shape),
+        }
         try:
             case = kernel_case(kernel, bits, shape, device, dtype=dtype, channels_last=cl)
             s = time_s(case.fn, device, reps=cfg["reps"], warmup=3, repeats=cfg["repeats"])
             gbps = case.nbytes / s / 1e9
             peak = peak_bytes(case.fn, device)
-            row.update(bytes=case.nbytes, time_us=round(s * 1e6, 2), GBps=round(gbps, 2),
-                       fraction_of_copy=round(gbps / copy_gbps, 4), peak_mib=round(peak / MiB, 2))
+            row.update(
+                bytes=case.nbytes,
+                time_us=round(s * 1e6, 2),
+                GBps=round(gbps, 2),
+                fraction_of_copy=round(gbps / copy_gbps, 4),
+                peak_mib=round(peak / MiB, 2),
+            )
             del case
         except Exception as e:  # one broken kernel must not hide the others' numbers
             failed += 1
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         rows.append(row)
-        log(f"{kernel:>14} {bits}b {row['dtype']:>8} {row['layout']:>13}: "
-            + (f"{row['GBps']:8.1f} GB/s ({100 * row['fraction_of_copy']:.0f} % of copy)" if "GBps" in row
-               else row["error"]))
+        log(
+            f"{kernel:>14} {bits}b {row['dtype']:>8} {row['layout']:>13}: "
+            + (
+                f"{row['GBps']:8.1f} GB/s ({100 * row['fraction_of_copy']:.0f} % of copy)"
+                if "GBps" in row
+                else row["error"]
+            )
+        )
         _free(device)
     return {"copy_GBps": round(copy_gbps, 2), "copy_bytes": cfg["copy_bytes"], "rows": rows, "failed": failed}
 
@@ -138,8 +179,13 @@ def _train_mode(cfg: dict, device, mode: str, channels_last: bool) -> dict:
             timed(step, device)
         warm = time.perf_counter() - t0
         times = [timed(step, device) for _ in range(cfg["rounds"])]
-        row = {"mode": mode, "step_s": round(statistics.median(times), 5), "min_s": round(min(times), 5),
-               "warmup_s": round(warm, 2), "rounds": len(times)}
+        row = {
+            "mode": mode,
+            "step_s": round(statistics.median(times), 5),
+            "min_s": round(min(times), 5),
+            "warmup_s": round(warm, 2),
+            "rounds": len(times),
+        }
         row.update(memory_info(model, x, target, opt, cfg["res"], channels_last))
     return row
 
@@ -154,17 +200,30 @@ def stage_train(cfg: dict, device, channels_last: bool, modes=("exact", "4bit", 
             row = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
             traceback.print_exc()
         rows.append(row)
-        log(f"{cfg['arch']} {mode}: " + (f"{1e3 * row['step_s']:.1f} ms/step, peak {row['peak_mib']:.0f} MiB, "
-                                         f"{row['act_mib_per_sample']:.2f} MiB/sample" if "step_s" in row
-                                         else row["error"]))
+        log(
+            f"{cfg['arch']} {mode}: "
+            + (
+                f"{1e3 * row['step_s']:.1f} ms/step, peak {row['peak_mib']:.0f} MiB, "
+                f"{row['act_mib_per_sample']:.2f} MiB/sample"
+                if "step_s" in row
+                else row["error"]
+            )
+        )
         _free(device)
     exact = next((r for r in rows if r["mode"] == "exact" and "step_s" in r), None)
     for r in rows:
         if exact and "step_s" in r:
             r["ratio_to_exact"] = round(r["step_s"] / exact["step_s"], 4)
             r["peak_ratio_to_exact"] = round(r["peak_mib"] / exact["peak_mib"], 4)
-    return {"arch": cfg["arch"], "batch": cfg["batch"], "res": cfg["res"], "channels_last": channels_last,
-            "blocks": cfg["blocks"], "rows": rows, "failed": failed}
+    return {
+        "arch": cfg["arch"],
+        "batch": cfg["batch"],
+        "res": cfg["res"],
+        "channels_last": channels_last,
+        "blocks": cfg["blocks"],
+        "rows": rows,
+        "failed": failed,
+    }
 
 
 def stage_maxbatch(cfg: dict, device, channels_last: bool) -> dict:
@@ -173,8 +232,17 @@ def stage_maxbatch(cfg: dict, device, channels_last: bool) -> dict:
     for mode in ("exact", "4bit"):
         t0 = time.perf_counter()
         try:
-            row = max_batch_in_budget(arch, mode, budget, res, device, channels_last, blocks=cfg["blocks"],
-                                      rel_tol=cfg["rel_tol"], cap=cfg["cap"])
+            row = max_batch_in_budget(
+                arch,
+                mode,
+                budget,
+                res,
+                device,
+                channels_last,
+                blocks=cfg["blocks"],
+                rel_tol=cfg["rel_tol"],
+                cap=cfg["cap"],
+            )
         except Exception as e:
             failed += 1
             row = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
@@ -187,10 +255,16 @@ def stage_maxbatch(cfg: dict, device, channels_last: bool) -> dict:
     for r in rows:
         if exact and "max_batch" in r:
             r["ratio_to_exact"] = round(r["max_batch"] / exact["max_batch"], 3)
-    return {"arch": arch, "res": res, "budget_mib": round(budget / MiB, 1), "cap": cfg["cap"],
-            "channels_last": channels_last,
-            "method": "cuda allocator capped at the budget" if is_cuda(device) else "MemTracker peak (CPU smoke)",
-            "rows": rows, "failed": failed}
+    return {
+        "arch": arch,
+        "res": res,
+        "budget_mib": round(budget / MiB, 1),
+        "cap": cfg["cap"],
+        "channels_last": channels_last,
+        "method": "cuda allocator capped at the budget" if is_cuda(device) else "MemTracker peak (CPU smoke)",
+        "rows": rows,
+        "failed": failed,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,14 +296,21 @@ def summarize(out: Path) -> tuple[dict, str]:
     res["stages"] = _stages_txt(out)
     meta = next((r["machine"] for r in res.values() if isinstance(r, dict) and "machine" in r), {})
     res["machine"] = meta
-    md = [f"# tritonact GPU check: {meta.get('device', '?')}", "",
-          f"torch {meta.get('torch')}, triton {meta.get('triton')}, tritonact {meta.get('tritonact')}, "
-          f"CUDA {meta.get('cuda')}", ""]
+    md = [
+        f"# tritonact GPU check: {meta.get('device', '?')}",
+        "",
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, tritonact {meta.get('tritonact')}, "
+        f"CUDA {meta.get('cuda')}",
+        "",
+    ]
     smoke = any(isinstance(r, dict) and r.get("smoke") for r in res.values())
     res["smoke"] = smoke
     if smoke:
-        md += ["**Smoke run** (`--smoke`: tiny sizes, the CPU torch path without a GPU): it proves the script runs; "
-               "its numbers measure nothing.", ""]
+        md += [
+            "**Smoke run** (`--smoke`: tiny sizes, the CPU torch path without a GPU): it proves the script runs; "
+            "its numbers measure nothing.",
+            "",
+        ]
     checks = {}
     if res["stages"]:
         md += ["| stage | exit code | seconds |", "|---|---:|---:|"]
@@ -238,33 +319,45 @@ def summarize(out: Path) -> tuple[dict, str]:
     k = res["kernels"]
     if k:
         shape = "x".join(map(str, k["rows"][0]["shape"])) if k["rows"] else "?"
-        md += [f"## Kernels ({shape}; copy bandwidth {k['copy_GBps']:.0f} GB/s, read + write)", "",
-               "| kernel | bits | dtype | layout | GB/s | % of copy | time us | peak MiB |",
-               "|---|---:|---|---|---:|---:|---:|---:|"]
+        md += [
+            f"## Kernels ({shape}; copy bandwidth {k['copy_GBps']:.0f} GB/s, read + write)",
+            "",
+            "| kernel | bits | dtype | layout | GB/s | % of copy | time us | peak MiB |",
+            "|---|---:|---|---|---:|---:|---:|---:|",
+        ]
         for r in k["rows"]:
             if "GBps" in r:
-                md.append(f"| {r['kernel']} | {r['bits']} | {r['dtype']} | {r['layout']} | {r['GBps']:.1f} | "
-                          f"{100 * r['fraction_of_copy']:.0f} | {r['time_us']:.1f} | {r['peak_mib']:.1f} |")
+                md.append(
+                    f"| {r['kernel']} | {r['bits']} | {r['dtype']} | {r['layout']} | {r['GBps']:.1f} | "
+                    f"{100 * r['fraction_of_copy']:.0f} | {r['time_us']:.1f} | {r['peak_mib']:.1f} |"
+                )
             else:
                 md.append(f"| {r['kernel']} | {r['bits']} | {r['dtype']} | {r['layout']} | error: {r['error']} ||||")
         ok = [r for r in k["rows"] if "fraction_of_copy" in r]
         if ok:
             worst = min(ok, key=lambda r: r["fraction_of_copy"])
             checks["kernels_min_fraction_of_copy"] = worst["fraction_of_copy"]
-            checks["kernels_below_target"] = [f"{r['kernel']}-{r['bits']}bit-{r['dtype']}" for r in ok
-                                              if r["fraction_of_copy"] < TARGET_FRACTION]
+            checks["kernels_below_target"] = [
+                f"{r['kernel']}-{r['bits']}bit-{r['dtype']}" for r in ok if r["fraction_of_copy"] < TARGET_FRACTION
+            ]
         md.append("")
     t = res["train"]
     if t:
-        md += [f"## {t['arch']} training step (batch {t['batch']}, {t['res']}x{t['res']}"
-               + (", channels_last" if t["channels_last"] else "") + ", fp32, SGD momentum)", "",
-               "| mode | step ms | x exact | peak MiB | x exact | activations MiB/sample |",
-               "|---|---:|---:|---:|---:|---:|"]
+        md += [
+            f"## {t['arch']} training step (batch {t['batch']}, {t['res']}x{t['res']}"
+            + (", channels_last" if t["channels_last"] else "")
+            + ", fp32, SGD momentum)",
+            "",
+            "| mode | step ms | x exact | peak MiB | x exact | activations MiB/sample |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for r in t["rows"]:
             if "step_s" in r:
-                md.append(f"| {r['mode']} | {1e3 * r['step_s']:.1f} | {r.get('ratio_to_exact', float('nan')):.3f} | "
-                          f"{r['peak_mib']:.0f} | {r.get('peak_ratio_to_exact', float('nan')):.3f} | "
-                          f"{r['act_mib_per_sample']:.2f} |")
+                md.append(
+                    f"| {r['mode']} | {1e3 * r['step_s']:.1f} | {r.get('ratio_to_exact', float('nan')):.3f} | "
+                    f"{r['peak_mib']:.0f} | {r.get('peak_ratio_to_exact', float('nan')):.3f} | "
+                    f"{r['act_mib_per_sample']:.2f} |"
+                )
             else:
                 md.append(f"| {r['mode']} | error: {r['error']} |||||")
         four = next((r for r in t["rows"] if r["mode"] == "4bit" and "ratio_to_exact" in r), None)
@@ -273,12 +366,18 @@ def summarize(out: Path) -> tuple[dict, str]:
         md.append("")
     m = res["maxbatch"]
     if m:
-        md += [f"## Largest {m['arch']} batch in {m['budget_mib'] / 1024:.2f} GiB ({m['res']}x{m['res']}; "
-               f"{m['method']})", "", "| mode | max batch | x exact | probes | seconds |", "|---|---:|---:|---:|---:|"]
+        md += [
+            f"## Largest {m['arch']} batch in {m['budget_mib'] / 1024:.2f} GiB ({m['res']}x{m['res']}; {m['method']})",
+            "",
+            "| mode | max batch | x exact | probes | seconds |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in m["rows"]:
             if "max_batch" in r:
-                md.append(f"| {r['mode']} | {r['max_batch']} | {r.get('ratio_to_exact', float('nan')):.2f} | "
-                          f"{len(r['probes'])} | {r['seconds']} |")
+                md.append(
+                    f"| {r['mode']} | {r['max_batch']} | {r.get('ratio_to_exact', float('nan')):.2f} | "
+                    f"{len(r['probes'])} | {r['seconds']} |"
+                )
             else:
                 md.append(f"| {r['mode']} | error: {r['error']} ||||")
         md.append("")
@@ -286,9 +385,11 @@ def summarize(out: Path) -> tuple[dict, str]:
         md += ["## Targets (issue 5)", ""]
         if "kernels_min_fraction_of_copy" in checks:
             below = checks["kernels_below_target"]
-            md.append(f"- kernels >= {100 * TARGET_FRACTION:.0f} % of copy bandwidth: lowest "
-                      f"{100 * checks['kernels_min_fraction_of_copy']:.0f} %"
-                      + (f"; below: {', '.join(below)}" if below else " (all pass)"))
+            md.append(
+                f"- kernels >= {100 * TARGET_FRACTION:.0f} % of copy bandwidth: lowest "
+                f"{100 * checks['kernels_min_fraction_of_copy']:.0f} %"
+                + (f"; below: {', '.join(below)}" if below else " (all pass)")
+            )
         if "train_4bit_ratio" in checks:
             r = checks["train_4bit_ratio"]
             verdict = "pass" if r <= TARGET_RATIO else "FAIL"
@@ -320,8 +421,10 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("gpu_report: no CUDA GPU (torch.cuda.is_available() is False); use --smoke to run the CPU path",
-              file=sys.stderr)
+        print(
+            "gpu_report: no CUDA GPU (torch.cuda.is_available() is False); use --smoke to run the CPU path",
+            file=sys.stderr,
+        )
         return 2
     if cuda and os.environ.get("TRITON_INTERPRET", "0") == "1" and not args.smoke:
         print("gpu_report: TRITON_INTERPRET=1 would time Triton's interpreter; unset it", file=sys.stderr)

@@ -32,8 +32,9 @@ def measure(model, batches, size, mode, bits):
                 tritonact.peak_memory(model, x, y)  # warm-up: ring buffers are allocated on first use
                 r = tritonact.peak_memory(model, x, y)
         rows.append((n, r["activations_temporaries_peak"], r["activations_after_forward"], r["total"]))
-        print(f"  {mode:>6} batch {n:>3}: act+temp peak {r['activations_temporaries_peak'] / 2**20:8.1f} MiB",
-              flush=True)
+        print(
+            f"  {mode:>6} batch {n:>3}: act+temp peak {r['activations_temporaries_peak'] / 2**20:8.1f} MiB", flush=True
+        )
     return rows
 
 
@@ -56,19 +57,27 @@ def main(argv=None):
     model = torchvision.models.get_model(args.model, num_classes=10)
     results = {m: measure(model, args.batches, args.size, m, args.bits) for m in ("exact", "noring", "ring")}
     mib = 2**20
-    print(f"\n{args.model}, {args.size}x{args.size}, fp32, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print(f"| batch | exact act+temp peak MiB | {args.bits}-bit, ring off | {args.bits}-bit, ring on | "
-          f"exact / ring off | exact / ring on |")
+    print(
+        f"\n{args.model}, {args.size}x{args.size}, fp32, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
+    print(
+        f"| batch | exact act+temp peak MiB | {args.bits}-bit, ring off | {args.bits}-bit, ring on | "
+        f"exact / ring off | exact / ring on |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for (n, e, _, _), (_, a, _, _), (_, r, _, _) in zip(results["exact"], results["noring"], results["ring"]):
         print(f"| {n} | {e / mib:.1f} | {a / mib:.1f} | {r / mib:.1f} | {e / a:.2f}x | {e / r:.2f}x |")
     se, sa, sr = (slope(results[m], 1) for m in ("exact", "noring", "ring"))
     fe, fa = slope(results["exact"], 2), slope(results["noring"], 2)
-    print(f"\nslope of the peak (MiB per extra sample): exact {se / mib:.2f}, ring off {sa / mib:.2f}, "
-          f"ring on {sr / mib:.2f}; exact / approx = {se / sa:.1f}x (ring off), {se / sr:.1f}x (ring on)")
-    print(f"slope of what the forward leaves for backward: exact {fe / mib:.2f}, approx {fa / mib:.2f} MiB/sample "
-          f"({fe / fa:.1f}x)")
+    print(
+        f"\nslope of the peak (MiB per extra sample): exact {se / mib:.2f}, ring off {sa / mib:.2f}, "
+        f"ring on {sr / mib:.2f}; exact / approx = {se / sa:.1f}x (ring off), {se / sr:.1f}x (ring on)"
+    )
+    print(
+        f"slope of what the forward leaves for backward: exact {fe / mib:.2f}, approx {fa / mib:.2f} MiB/sample "
+        f"({fe / fa:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

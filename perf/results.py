@@ -100,8 +100,10 @@ def measure_fidelity(arch: str, seed: int) -> dict:
         for bits in BITS:
             r = grad_errors(model, x, t, bits=bits, naive=naive, exact=ex)
             out[(bits, naive)] = r
-            log(f"{arch}: {'naive ' if naive else ''}{bits}-bit {summarize(r)}; output rel diff "
-                f"{r.output_rel_diff:.2e}, loss rel diff {r.loss_rel_diff:.2e}")
+            log(
+                f"{arch}: {'naive ' if naive else ''}{bits}-bit {summarize(r)}; output rel diff "
+                f"{r.output_rel_diff:.2e}, loss rel diff {r.loss_rel_diff:.2e}"
+            )
     return out
 
 
@@ -115,9 +117,11 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return (f"{platform.platform()}, CPU {cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}), "
-            f"GPU {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torchvision {torchvision.__version__}, tritonact {tritonact.__version__}")
+    return (
+        f"{platform.platform()}, CPU {cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}), "
+        f"GPU {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, tritonact {tritonact.__version__}"
+    )
 
 
 def fmt_err(r) -> str:
@@ -138,20 +142,27 @@ def targets(models, mem: dict, fid: dict) -> list:
         if arch not in fid:
             continue
         worst = max(max(r.output_rel_diff, r.loss_rel_diff) for (b, naive), r in fid[arch].items() if not naive)
-        rows.append((f"{arch}: forward output and loss within {FWD_RTOL:g} of exact", f"{worst:.1e}",
-                     worst <= FWD_RTOL))
+        rows.append(
+            (f"{arch}: forward output and loss within {FWD_RTOL:g} of exact", f"{worst:.1e}", worst <= FWD_RTOL)
+        )
         for bits, (med, mx) in ERR_TARGETS.items():
             s = summarize(fid[arch][(bits, False)])
-            rows.append((f"{arch} {bits}-bit grad error median <= {med}, max <= {mx}", f"{s.median:.4f}, {s.max:.4f}",
-                         s.median <= med and s.max <= mx))
+            rows.append(
+                (
+                    f"{arch} {bits}-bit grad error median <= {med}, max <= {mx}",
+                    f"{s.median:.4f}, {s.max:.4f}",
+                    s.median <= med and s.max <= mx,
+                )
+            )
         n, e = summarize(fid[arch][(4, True)]).median, summarize(fid[arch][(4, False)]).median
         rows.append((f"{arch}: naive 4-bit median error above 4-bit's", f"{n:.4f} vs {e:.4f}", n > e))
     if "resnet50" in mem:
         m = mem["resnet50"]
         for bits, target in MEM_TARGETS.items():
             r = m["exact"] / m[bits]
-            rows.append((f"resnet50 {MEM_RES}x{MEM_RES} {bits}-bit memory ratio >= {target:g}x", f"{r:.1f}x",
-                         r >= target))
+            rows.append(
+                (f"resnet50 {MEM_RES}x{MEM_RES} {bits}-bit memory ratio >= {target:g}x", f"{r:.1f}x", r >= target)
+            )
     return rows
 
 
@@ -208,9 +219,12 @@ def render(args, mem: dict, fid: dict, failures: dict, elapsed: float) -> str:
             L.append("| " + " | ".join(cells) + " |")
     units = [(a, mem[a]) for a in args.models if a in mem]
     if units:
-        L += ["", "Coverage (from `ctx.report()` at 4 bits): "
-              + "; ".join(f"{a}: {m['units']} fused units, {len(m['exact_parts'])} parts left exact" for a, m in units)
-              + "."]
+        L += [
+            "",
+            "Coverage (from `ctx.report()` at 4 bits): "
+            + "; ".join(f"{a}: {m['units']} fused units, {len(m['exact_parts'])} parts left exact" for a, m in units)
+            + ".",
+        ]
         for a, m in units:
             for what, why in m["exact_parts"]:
                 L.append(f"* {a}: `{what}` left exact: {why}")

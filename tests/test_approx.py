@@ -219,9 +219,11 @@ def test_naive_mode_changes_the_forward_and_is_worse():
     assert loss_n.item() != loss_e.item()
 
     def median_err(m):
-        return torch.tensor(
-            [rel(p.grad, q.grad) for p, q in zip(m.parameters(), exact.parameters()) if p.dim() == 4]
-        ).median().item()
+        return (
+            torch.tensor([rel(p.grad, q.grad) for p, q in zip(m.parameters(), exact.parameters()) if p.dim() == 4])
+            .median()
+            .item()
+        )
 
     assert median_err(model) > median_err(approx)
 
@@ -255,9 +257,13 @@ def test_autocast_bf16():
     torch.testing.assert_close(out_a, out_e, rtol=0, atol=0)  # the module's own bf16 ops, same rounding
 
     def median_err(m):
-        return torch.tensor(
-            [rel(p.grad.float(), q.grad) for p, q in zip(m.parameters(), fp32.parameters()) if p.dim() == 4]
-        ).median().item()
+        return (
+            torch.tensor(
+                [rel(p.grad.float(), q.grad) for p, q in zip(m.parameters(), fp32.parameters()) if p.dim() == 4]
+            )
+            .median()
+            .item()
+        )
 
     # CPU bf16 training of this tiny model is itself far from fp32 (median ~0.8-1.0 measured); 8-bit codes
     # (computed in fp32) must not add to that noise beyond 10 %.
@@ -298,8 +304,19 @@ def test_mask_exact_for_any_threshold(bits, act, b_over_g):
     z = ref.bview(gamma, xh) * xh + ref.bview(beta, xh)
     wmin, wmax, wmean, wstd = ref.value_stats(xh, "xh")
     window = tritonact.ApproxConfig(bits=bits).effective_window
-    P = ref.code_params(bits=bits, act=act, wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, gamma=gamma, beta=beta,
-                        coded="xh", window=window, positive_fraction=0.75)
+    P = ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=wmin,
+        wmax=wmax,
+        wmean=wmean,
+        wstd=wstd,
+        gamma=gamma,
+        beta=beta,
+        coded="xh",
+        window=window,
+        positive_fraction=0.75,
+    )
     data = ref.encode_ref(xh, P, bits)
     perm = tuple(range(4))
     _, mask = ref.decode_value_ref(data, P, bits, xh.shape, perm)
@@ -318,8 +335,19 @@ def test_zero_gamma_channel_keeps_constant_mask():
     xh = torch.randn(2, 2, 5, 5)
     gamma, beta = torch.tensor([0.0, 0.0]), torch.tensor([0.5, -0.5])
     stats = ref.value_stats(xh, "xh")
-    P = ref.code_params(bits=4, act="relu", wmin=stats[0], wmax=stats[1], wmean=stats[2], wstd=stats[3],
-                        gamma=gamma, beta=beta, coded="xh", window=4.0, positive_fraction=0.75)
+    P = ref.code_params(
+        bits=4,
+        act="relu",
+        wmin=stats[0],
+        wmax=stats[1],
+        wmean=stats[2],
+        wstd=stats[3],
+        gamma=gamma,
+        beta=beta,
+        coded="xh",
+        window=4.0,
+        positive_fraction=0.75,
+    )
     data = ref.encode_ref(xh, P, 4)
     xh_dec, mask = ref.decode_value_ref(data, P, 4, xh.shape, (0, 1, 2, 3))
     assert mask[:, 0].all() and not mask[:, 1].any()
@@ -371,8 +399,12 @@ def test_chunked_cpu_path_matches_whole_tensor_path(name, monkeypatch):
 @pytest.mark.parametrize("dtype", [None, torch.float64])
 @pytest.mark.parametrize(
     "geom",
-    [((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
-     ((3, 2), (1, 2), (1, 0), (2, 1), False), ((3, 3), (2, 2), (1, 1), (2, 2), True)],
+    [
+        ((3, 3), (2, 2), (1, 1), (1, 1), False),
+        ((2, 2), (2, 2), (0, 0), (1, 1), True),
+        ((3, 2), (1, 2), (1, 0), (2, 1), False),
+        ((3, 3), (2, 2), (1, 1), (2, 2), True),
+    ],
 )
 def test_maxpool_window_index_round_trip(geom, dtype):
     """The stored window-local argmax maps back to max_pool2d's own flat index, for padding, dilation, ceil_mode and

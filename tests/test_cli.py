@@ -12,13 +12,21 @@ import torch
 from tritonact import autotune, cli
 from tritonact.demo import MODES
 
-RUN_KEYS = ("mode", "test_accuracy", "final_loss", "activation_mib_per_sample", "peak_mib", "step_time_s",
-            "step_time_ratio")
+RUN_KEYS = (
+    "mode",
+    "test_accuracy",
+    "final_loss",
+    "activation_mib_per_sample",
+    "peak_mib",
+    "step_time_s",
+    "step_time_ratio",
+)
 
 
 def test_help_lists_the_verbs():
-    out = subprocess.run([sys.executable, "-m", "tritonact.cli", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tritonact.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for verb in ("demo", "bench", "autotune"):
         assert verb in out
 
@@ -126,8 +134,10 @@ def test_autotune_winners_use_launch_config_keys(monkeypatch):
     def broken(config, problem, device):
         raise RuntimeError("out of resources")
 
-    entries = [autotune.Tunable("quantize", problems, lambda p: dict(p), build),
-               autotune.Tunable("dequantize", problems, lambda p: dict(p), broken)]
+    entries = [
+        autotune.Tunable("quantize", problems, lambda p: dict(p), build),
+        autotune.Tunable("dequantize", problems, lambda p: dict(p), broken),
+    ]
     winners = autotune.tune(entries, "cpu", time_ms=lambda fn: fn())
     # 1100 and 1500 share the 2048 bucket; configs that never run are never winners
     assert winners == {

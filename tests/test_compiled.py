@@ -54,8 +54,19 @@ def test_unit_codes_decode_and_backward_match_eager(bits, act, channels_last):
 
     data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, act=act, **kw)
     xmin, xmax = (y.amin((0, 2, 3)) - mean) * invstd, (y.amax((0, 2, 3)) - mean) * invstd
-    P_eager = ref.code_params(bits=bits, act=act, wmin=xmin, wmax=xmax, wmean=torch.zeros(C), wstd=torch.ones(C),
-                              gamma=gamma, beta=beta, coded="xh", window=3.5, positive_fraction=0.75)
+    P_eager = ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=xmin,
+        wmax=xmax,
+        wmean=torch.zeros(C),
+        wstd=torch.ones(C),
+        gamma=gamma,
+        beta=beta,
+        coded="xh",
+        window=3.5,
+        positive_fraction=0.75,
+    )
     xh = (y - ref.bview(mean, y)) * ref.bview(invstd, y)
     assert torch.equal(P, P_eager)
     assert torch.equal(data, ref.encode_ref(xh, P_eager, bits, act))
@@ -81,14 +92,26 @@ def test_join_codes_and_backward_match_eager(mode):
     r = torch.randn(shape, generator=g)
     if mode == "residual_code":  # the residual is another unit's output, given by its code
         _, r_gamma, r_beta, r_mean, r_invstd, _ = _unit_inputs(bits, False, seed=3)
-        r_code = compiled.forward_xh(r, r_mean, r_invstd, r_gamma, r_beta, bits=bits, act="relu", window=3.5, pf=0.75,
-                                     perm=perm)
+        r_code = compiled.forward_xh(
+            r, r_mean, r_invstd, r_gamma, r_beta, bits=bits, act="relu", window=3.5, pf=0.75, perm=perm
+        )
         r = ref.decode_act_ref(*r_code, bits, shape, perm, "relu", torch.float32)
     s = torch.nn.functional.batch_norm(y, None, None, gamma, beta, True) + r
     data, P = compiled.forward_sum(s, gamma, beta, bits=bits, act=act, window=3.5, pf=0.75, perm=perm)
     stats = ref.value_stats(s, "sum")
-    P_eager = ref.code_params(bits=bits, act=act, wmin=stats[0], wmax=stats[1], wmean=stats[2], wstd=stats[3],
-                              gamma=gamma, beta=beta, coded="sum", window=3.5, positive_fraction=0.75)
+    P_eager = ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=stats[0],
+        wmax=stats[1],
+        wmean=stats[2],
+        wstd=stats[3],
+        gamma=gamma,
+        beta=beta,
+        coded="sum",
+        window=3.5,
+        positive_fraction=0.75,
+    )
     # the window comes from a two-pass variance (summation order differs from eager's): a few ulp
     torch.testing.assert_close(P, P_eager, rtol=1e-5, atol=1e-6)
     assert torch.equal(data, ref.encode_ref(s, P, bits, act))  # codes: bit for bit given the grid
@@ -100,8 +123,9 @@ def test_join_codes_and_backward_match_eager(mode):
         kw["residual_code"] = (*r_code, "relu")
         kw_eager = {"residual": r}  # the eager reference decodes it first
     else:
-        xd, xP = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=bits, act="none", window=3.5, pf=0.75,
-                                     perm=perm)
+        xd, xP = compiled.forward_xh(
+            y, mean, invstd, gamma, beta, bits=bits, act="none", window=3.5, pf=0.75, perm=perm
+        )
         kw["xh_code"] = (xd, xP)
     grad = torch.randn(shape, generator=g)
     out = compiled.unit_backward(grad, data, P, bits, shape, perm, act, gamma, beta, invstd, **kw)
@@ -119,8 +143,21 @@ def test_layouts_it_does_not_cover_run_eager():
     assert compiled.layout3((1, 3, 5, 5), (0, 1, 2, 3), 8) == (1, 3, 25)
     assert compiled.layout3((2, 8, 3, 3), (0, 2, 3, 1), 2) == (18, 8, 1)
     y = torch.randn(1, 3, 5, 5)
-    assert compiled.forward_xh(y, y.new_zeros(3), y.new_ones(3), y.new_ones(3), y.new_zeros(3), bits=4, act="relu",
-                               window=3.5, pf=0.75, perm=(0, 1, 2, 3)) is None
+    assert (
+        compiled.forward_xh(
+            y,
+            y.new_zeros(3),
+            y.new_ones(3),
+            y.new_ones(3),
+            y.new_zeros(3),
+            bits=4,
+            act="relu",
+            window=3.5,
+            pf=0.75,
+            perm=(0, 1, 2, 3),
+        )
+        is None
+    )
 
 
 def _n_graphs() -> int:
@@ -138,13 +175,27 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(compiled, "_failed", None)
     y, gamma, beta, mean, invstd, _ = _unit_inputs(4, False)
     with pytest.warns(RuntimeWarning, match="no C.. compiler"):
-        assert compiled.forward_xh(y, mean, invstd, gamma, beta, bits=4, act="relu", window=3.5, pf=0.75,
-                                   perm=memory_order(y)) is None
+        assert (
+            compiled.forward_xh(
+                y, mean, invstd, gamma, beta, bits=4, act="relu", window=3.5, pf=0.75, perm=memory_order(y)
+            )
+            is None
+        )
     assert not compiled.enabled(torch.device("cpu"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning
-        assert compiled.decode_act(torch.zeros(72, dtype=torch.uint8), torch.zeros(11, 4), 4, (1, 4, 6, 6),
-                                   (0, 1, 2, 3), "relu", torch.float32) is None
+        assert (
+            compiled.decode_act(
+                torch.zeros(72, dtype=torch.uint8),
+                torch.zeros(11, 4),
+                4,
+                (1, 4, 6, 6),
+                (0, 1, 2, 3),
+                "relu",
+                torch.float32,
+            )
+            is None
+        )
     monkeypatch.setattr(compiled, "_failed", None)
 
 
@@ -222,14 +273,26 @@ def test_keys_that_differ_only_in_settings_stay_separate():
     perm, C = memory_order(y), y.shape[1]
     xmin, xmax = (y.amin((0, 2, 3)) - mean) * invstd, (y.amax((0, 2, 3)) - mean) * invstd
     for bits, window in ((8, math.inf), (4, 3.5), (4, math.inf)):
-        data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=bits, act="relu", window=window, pf=0.75,
-                                      perm=perm)
-        P_eager = ref.code_params(bits=bits, act="relu", wmin=xmin, wmax=xmax, wmean=torch.zeros(C),
-                                  wstd=torch.ones(C), gamma=gamma, beta=beta, coded="xh", window=window,
-                                  positive_fraction=0.75)
+        data, P = compiled.forward_xh(
+            y, mean, invstd, gamma, beta, bits=bits, act="relu", window=window, pf=0.75, perm=perm
+        )
+        P_eager = ref.code_params(
+            bits=bits,
+            act="relu",
+            wmin=xmin,
+            wmax=xmax,
+            wmean=torch.zeros(C),
+            wstd=torch.ones(C),
+            gamma=gamma,
+            beta=beta,
+            coded="xh",
+            window=window,
+            positive_fraction=0.75,
+        )
         assert torch.equal(P, P_eager), (bits, window)
-    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False) is not \
-        compiled._compiled("forward_xh", 4, "relu", math.inf, 0.75, False)
+    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False) is not compiled._compiled(
+        "forward_xh", 4, "relu", math.inf, 0.75, False
+    )
 
 
 @pytest.mark.parametrize("rows", [True, False])
@@ -244,9 +307,19 @@ def test_encode_edge_values_match_reference(bits, act, rows):
     gamma[2] = 0.0
     gamma[3] = -1.5
     beta = torch.randn(C, generator=g)
-    P = ref.code_params(bits=bits, act=act, wmin=torch.full((C,), -2.0), wmax=torch.full((C,), 3.0),
-                        wmean=torch.zeros(C), wstd=torch.ones(C), gamma=gamma, beta=beta, coded="xh", window=3.5,
-                        positive_fraction=0.75)
+    P = ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=torch.full((C,), -2.0),
+        wmax=torch.full((C,), 3.0),
+        wmean=torch.zeros(C),
+        wstd=torch.ones(C),
+        gamma=gamma,
+        beta=beta,
+        coded="xh",
+        window=3.5,
+        positive_fraction=0.75,
+    )
     w = torch.randn(2, C, 64, generator=g) * 3
     o, sgn = P[ref.R["o"]].view(1, C, 1), P[ref.R["sgn"]].view(1, C, 1)
     k = torch.arange(-8, 8, dtype=torch.float32).view(1, 1, 16)
@@ -267,8 +340,9 @@ def test_channel_count_stays_symbolic_for_parameters():
         y, _, _, mean, invstd, g = _unit_inputs(4, False, seed=C, shape=(2, C, 4, 4))
         gamma = torch.nn.Parameter(torch.rand(C, generator=g) + 0.5)
         beta = torch.nn.Parameter(torch.randn(C, generator=g))
-        data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=4, act="relu", window=window, pf=0.75,
-                                      perm=memory_order(y))
+        data, P = compiled.forward_xh(
+            y, mean, invstd, gamma, beta, bits=4, act="relu", window=window, pf=0.75, perm=memory_order(y)
+        )
         assert P.shape == (len(ref.ROWS), C)
     assert _n_graphs() - graphs == 1
 
@@ -297,8 +371,9 @@ def test_graph_is_not_reused_for_other_strides():
     geom = ((3, 3), (2, 2), (1, 1), (1, 1))
     x = torch.randn(2, 8, 10, 10)
     for fmt in (torch.contiguous_format, torch.channels_last, torch.contiguous_format):
-        _, idx = torch.nn.functional.max_pool2d(x.contiguous(memory_format=fmt), *geom[:3], dilation=geom[3],
-                                                return_indices=True)
+        _, idx = torch.nn.functional.max_pool2d(
+            x.contiguous(memory_format=fmt), *geom[:3], dilation=geom[3], return_indices=True
+        )
         local = compiled.pool_index("local", idx, tuple(x.shape), *geom)
         assert torch.equal(local, ops._local_index(idx, tuple(x.shape), *geom)), fmt
     key = next(g for g in compiled._ran if g.name.startswith("pool_index('local', (3, 3), (2, 2)"))

@@ -188,15 +188,29 @@ def test_fused_pass_bit_identical_with_specials(dtype, bits, act, join, device, 
     wmin = torch.where(finite, w, math.inf).amin(dim=(0, 2, 3))
     wmax = torch.where(finite, w, -math.inf).amax(dim=(0, 2, 3))
     grid = dict(bits=bits, gamma=gamma, beta=beta, window=math.inf, positive_fraction=0.75)
-    P = ref.code_params(act=act, coded="xh" if r is None else "sum", wmin=wmin, wmax=wmax,
-                        wmean=torch.zeros(C, device=device), wstd=torch.ones(C, device=device), **grid)
+    P = ref.code_params(
+        act=act,
+        coded="xh" if r is None else "sum",
+        wmin=wmin,
+        wmax=wmax,
+        wmean=torch.zeros(C, device=device),
+        wstd=torch.ones(C, device=device),
+        **grid,
+    )
     if r is None:  # round steps for the plain unit: the edges are exactly representable
         P[ref.R["dp"]], P[ref.R["dn"]] = 0.25, 0.125
         P[ref.R["rdp"]], P[ref.R["rdn"]] = 4.0, 8.0
     xP = None
     if join == "sum+xh":
-        xP = ref.code_params(act="none", coded="xh", wmin=wmin, wmax=wmax, wmean=torch.zeros(C, device=device),
-                             wstd=torch.ones(C, device=device), **grid)
+        xP = ref.code_params(
+            act="none",
+            coded="xh",
+            wmin=wmin,
+            wmax=wmax,
+            wmean=torch.zeros(C, device=device),
+            wstd=torch.ones(C, device=device),
+            **grid,
+        )
     out, data, xdata = K.bn_act_forward(y, r, mean, invstd, gamma, beta, P, xP, bits, act)
     assert out.dtype == s.dtype and out.stride() == y.stride()
     exact(out, ref.apply_act(s, act))
@@ -207,8 +221,12 @@ def test_fused_pass_bit_identical_with_specials(dtype, bits, act, join, device, 
 
 @pytest.mark.parametrize(
     "y_dtype,r_dtype,r_format",
-    [(torch.float32, torch.float32, torch.contiguous_format), (torch.float16, torch.float32, torch.channels_last),
-     (torch.bfloat16, torch.float16, torch.channels_last), (torch.float16, torch.float16, torch.channels_last)],
+    [
+        (torch.float32, torch.float32, torch.contiguous_format),
+        (torch.float16, torch.float32, torch.channels_last),
+        (torch.bfloat16, torch.float16, torch.channels_last),
+        (torch.float16, torch.float16, torch.channels_last),
+    ],
     ids=["nchw-residual", "fp16+fp32", "bf16+fp16", "fp16+fp16"],
 )
 def test_join_like_the_model(y_dtype, r_dtype, r_format, poison_empty):
@@ -219,9 +237,19 @@ def test_join_like_the_model(y_dtype, r_dtype, r_format, poison_empty):
     r = r.to(r_dtype).contiguous(memory_format=r_format)
     mean, invstd = torch.linspace(-1, 1, 3), torch.full((3,), 0.7)
     s, w, _ = coded_values(y, r, mean, invstd, gamma, beta)
-    P = ref.code_params(bits=4, act="relu", wmin=w.amin((0, 2, 3)), wmax=w.amax((0, 2, 3)), wmean=torch.zeros(3),
-                        wstd=torch.ones(3), gamma=gamma, beta=beta, coded="sum", window=math.inf,
-                        positive_fraction=0.75)
+    P = ref.code_params(
+        bits=4,
+        act="relu",
+        wmin=w.amin((0, 2, 3)),
+        wmax=w.amax((0, 2, 3)),
+        wmean=torch.zeros(3),
+        wstd=torch.ones(3),
+        gamma=gamma,
+        beta=beta,
+        coded="sum",
+        window=math.inf,
+        positive_fraction=0.75,
+    )
     out, data, _ = K.bn_act_forward(y, r, mean, invstd, gamma, beta, P, None, 4, "relu")
     exact(data, ref.encode_ref(w, P, 4))
     assert out.dtype == s.dtype == torch.promote_types(y_dtype, r_dtype) and out.stride() == y.stride()
@@ -263,9 +291,19 @@ def test_decode_bit_identical(case, bits, act, device, poison_empty):
     C, perm = shape[1], memory_order(y)
     g = torch.Generator().manual_seed(bits)
     wmin, wmax = -3 - torch.rand(C, generator=g), 3 + torch.rand(C, generator=g)
-    P = ref.code_params(bits=bits, act=act, wmin=wmin.to(device), wmax=wmax.to(device),
-                        wmean=torch.zeros(C, device=device), wstd=torch.ones(C, device=device), gamma=gamma,
-                        beta=beta, coded="xh", window=2.5, positive_fraction=0.75)
+    P = ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=wmin.to(device),
+        wmax=wmax.to(device),
+        wmean=torch.zeros(C, device=device),
+        wstd=torch.ones(C, device=device),
+        gamma=gamma,
+        beta=beta,
+        coded="xh",
+        window=2.5,
+        positive_fraction=0.75,
+    )
     nbytes = math.ceil(y.numel() * bits / 8)
     data = torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8).to(device)  # every code, saturated too
     args = (data, P, bits, tuple(shape), perm)

@@ -74,8 +74,9 @@ def test_optimizer_state_counts(resnet):
 
 
 def test_loss_fn_with_and_without_target():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+    )
     x = torch.randn(2, 3, 8, 8)
     model(x)  # materialize the lazy layer
     seen = []

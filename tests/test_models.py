@@ -12,10 +12,24 @@ import tritonact
 # one model per family, at the smallest input it accepts; transformers (vit/swin/maxvit) need 224x224 and are
 # checked the same way by hand (see docs/results.md), not in CI
 FAMILIES = [
-    ("alexnet", 64), ("convnext_tiny", 32), ("efficientnet_b0", 32), ("googlenet", 32), ("inception_v3", 75),
-    ("mnasnet0_5", 32), ("mobilenet_v3_small", 32), ("regnet_x_400mf", 32), ("regnet_y_400mf", 32),
-    ("resnext50_32x4d", 32), ("shufflenet_v2_x0_5", 32), ("squeezenet1_0", 32), ("vgg11", 32),
-    ("wide_resnet50_2", 32), ("densenet121", 32), ("mobilenet_v2", 32), ("vgg11_bn", 32), ("resnet50", 32),
+    ("alexnet", 64),
+    ("convnext_tiny", 32),
+    ("efficientnet_b0", 32),
+    ("googlenet", 32),
+    ("inception_v3", 75),
+    ("mnasnet0_5", 32),
+    ("mobilenet_v3_small", 32),
+    ("regnet_x_400mf", 32),
+    ("regnet_y_400mf", 32),
+    ("resnext50_32x4d", 32),
+    ("shufflenet_v2_x0_5", 32),
+    ("squeezenet1_0", 32),
+    ("vgg11", 32),
+    ("wide_resnet50_2", 32),
+    ("densenet121", 32),
+    ("mobilenet_v2", 32),
+    ("vgg11_bn", 32),
+    ("resnet50", 32),
 ]
 UNITS = {"alexnet": 0, "convnext_tiny": 0, "squeezenet1_0": 0, "vgg11": 0}  # no BatchNorm2d: left exact, reported
 
@@ -55,8 +69,9 @@ def test_family_runs_with_exact_forward(name, size):
         assert torch.isfinite(p.grad).all(), n
     # 8-bit codes: conv weight gradients close to exact (median; a degenerate 1x1-spatial BN at this tiny input
     # can amplify single layers, so not the max)
-    pairs = [(p.grad, q.grad) for p, q in zip(model.parameters(), exact.parameters())
-             if p.dim() == 4 and q.grad is not None]
+    pairs = [
+        (p.grad, q.grad) for p, q in zip(model.parameters(), exact.parameters()) if p.dim() == 4 and q.grad is not None
+    ]
     errs = torch.tensor([((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in pairs])
     assert errs.median() < 0.05
 

@@ -62,8 +62,9 @@ def test_gpu_report_smoke_writes_every_stage(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_script_smoke(tmp_path):
     env = _env() | {"PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_CHECK_STAGES": "tests kernels"}
-    proc = subprocess.run(["bash", str(ROOT / "perf" / "gpu_check.sh"), "--smoke"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "perf" / "gpu_check.sh"), "--smoke"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = [line.split() for line in (tmp_path / "stages.txt").read_text().splitlines()]
     assert [(s[0], s[1]) for s in stages] == [("tests", "0"), ("kernels", "0")]
@@ -128,7 +129,13 @@ def test_kernel_cases_run(kernel, backend):
     out = case.fn()
     assert out is not None
     codes = (n * 2 + 7) // 8
-    expected = {"quantize": 4 * n + codes, "dequantize": codes + 4 * n, "decode_act": codes + 4 * n,
-                "bn_stats": 4 * n, "bn_act_fwd": 8 * n + codes, "unit_forward": 12 * n + codes,
-                "unit_backward": 12 * n + 2 * codes}
+    expected = {
+        "quantize": 4 * n + codes,
+        "dequantize": codes + 4 * n,
+        "decode_act": codes + 4 * n,
+        "bn_stats": 4 * n,
+        "bn_act_fwd": 8 * n + codes,
+        "unit_forward": 12 * n + codes,
+        "unit_backward": 12 * n + 2 * codes,
+    }
     assert case.nbytes == expected[kernel]

@@ -104,8 +104,12 @@ def test_byte_layout_is_pinned():
 @pytest.mark.parametrize("bits", BITS)
 def test_non_finite_values(bits):
     lo, step = torch.tensor([-1.0, 0.0]), torch.tensor([0.5, 0.25])
-    x = torch.tensor([[float("inf"), float("-inf"), float("nan"), 1e38, -1e38, 0.0],
-                      [float("nan"), float("inf"), float("-inf"), 0.1, 1e-30, -0.0]]).view(1, 2, 6)
+    x = torch.tensor(
+        [
+            [float("inf"), float("-inf"), float("nan"), 1e38, -1e38, 0.0],
+            [float("nan"), float("inf"), float("-inf"), 0.1, 1e-30, -0.0],
+        ]
+    ).view(1, 2, 6)
     p = tritonact.quantize(x, bits, lo, step, backend="torch")
     q = packed_codes(p)[0]
     top = 2**bits - 1

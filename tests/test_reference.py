@@ -43,8 +43,19 @@ def grid(w, bits, act, coded, seed):
     beta = torch.randn(C, generator=g) * 2
     stats = ref.value_stats(w.nan_to_num(0.0, 0.0, 0.0), coded)
     window = [math.inf, 4.0, 2.5][seed % 3]
-    return ref.code_params(bits=bits, act=act, wmin=stats[0], wmax=stats[1], wmean=stats[2], wstd=stats[3],
-                           gamma=gamma, beta=beta, coded=coded, window=window, positive_fraction=0.75)
+    return ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=stats[0],
+        wmax=stats[1],
+        wmean=stats[2],
+        wstd=stats[3],
+        gamma=gamma,
+        beta=beta,
+        coded=coded,
+        window=window,
+        positive_fraction=0.75,
+    )
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -74,9 +85,19 @@ def test_encode_decode_equal_formula(bits, act, coded, channels_last):
 
 def test_non_finite_values_get_defined_codes():
     w = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5]).view(1, 1, 4)
-    P = ref.code_params(bits=4, act="relu", wmin=torch.tensor([-1.0]), wmax=torch.tensor([1.0]),
-                        wmean=torch.zeros(1), wstd=torch.ones(1), gamma=torch.ones(1), beta=torch.zeros(1),
-                        coded="xh", window=math.inf, positive_fraction=0.75)
+    P = ref.code_params(
+        bits=4,
+        act="relu",
+        wmin=torch.tensor([-1.0]),
+        wmax=torch.tensor([1.0]),
+        wmean=torch.zeros(1),
+        wstd=torch.ones(1),
+        gamma=torch.ones(1),
+        beta=torch.zeros(1),
+        coded="xh",
+        window=math.inf,
+        positive_fraction=0.75,
+    )
     data = ref.encode_ref(w, P, 4, "relu")
     torch.testing.assert_close(data, formula_encode(w, P, 4), rtol=0, atol=0)
     assert unpack_codes(data, 4, 4).tolist()[:3] == [0, 15, 0]

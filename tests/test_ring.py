@@ -42,16 +42,25 @@ def test_ring_on_and_off_are_bitwise_identical(name, size):
 def test_slot_count_is_computed_from_liveness():
     torch.manual_seed(0)
     # resnet: the block input stays alive until the join while one branch activation is alive: 2 slots
-    _, _, rep = run(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32),
-                    torch.tensor([1, 2]), ring=True)
+    _, _, rep = run(
+        torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), ring=True
+    )
     assert rep.ring_slots == 2
     assert rep.ring_kept_out == []
     # a plain chain: each unit's output dies at the next conv, before the next unit writes: 1 slot
     chain = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
     )
     _, _, rep = run(chain, torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), ring=True)
     assert rep.ring_slots == 1

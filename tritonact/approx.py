@@ -96,14 +96,24 @@ class approximate:
         print(ctx.report())
     """
 
-    def __init__(self, model: nn.Module, bits: int = 4, *, naive: bool = False, backend: str | None = None,
-                 window: float | None = None, positive_fraction: float | None = None, ring: bool | None = None,
-                 compile: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        bits: int = 4,
+        *,
+        naive: bool = False,
+        backend: str | None = None,
+        window: float | None = None,
+        positive_fraction: float | None = None,
+        ring: bool | None = None,
+        compile: bool | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         kw = {} if positive_fraction is None else {"positive_fraction": positive_fraction}
-        self.config = ApproxConfig(bits=bits, naive=naive, backend=backend, window=window, ring=ring, compile=compile,
-                                   **kw)
+        self.config = ApproxConfig(
+            bits=bits, naive=naive, backend=backend, window=window, ring=ring, compile=compile, **kw
+        )
         self.model = model
         self._swapped: list = []
         self._programs: list = []
@@ -149,8 +159,12 @@ class approximate:
         try:
             gm = trace(module)
         except Exception as e:  # untraceable: convert the children that trace, leave this level exact
-            self._report.exact.append((prefix.rstrip(".") or type(module).__name__,
-                                       f"not traceable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
+            self._report.exact.append(
+                (
+                    prefix.rstrip(".") or type(module).__name__,
+                    f"not traceable ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                )
+            )
             for name, child in module.named_children():
                 if any(isinstance(m, torch.nn.BatchNorm2d) for m in child.modules()):
                     self._convert(child, f"{prefix}{name}.", backend)
@@ -175,8 +189,13 @@ class approximate:
                 sub = gm.get_submodule(node.target)
                 if has_hooks(sub) and any(isinstance(m, torch.nn.BatchNorm2d) for m in sub.modules()):
                     if not isinstance(sub, torch.nn.BatchNorm2d):
-                        rep.exact.append((prefix + node.target, "has user hooks: called as a module so they fire, "
-                                          "converted inside; its output is not coded"))
+                        rep.exact.append(
+                            (
+                                prefix + node.target,
+                                "has user hooks: called as a module so they fire, "
+                                "converted inside; its output is not coded",
+                            )
+                        )
                         self._convert(sub, f"{prefix}{node.target}.", backend)
 
     def _swap(self, module: nn.Module, program: Program) -> None:

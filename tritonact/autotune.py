@@ -76,8 +76,9 @@ def _build_quantize(config: dict, problem: dict, device) -> Callable[[], object]
     rstep = 1.0 / step
     out = torch.empty(nbytes, dtype=torch.uint8, device=device)
     grid = _grid(nbytes, config["BLOCK"])
-    return lambda: _quantize_fwd_kernel[grid](out, x, lo, rstep, numel, nbytes, inner, C, BITS=bits,
-                                              BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+    return lambda: _quantize_fwd_kernel[grid](
+        out, x, lo, rstep, numel, nbytes, inner, C, BITS=bits, BLOCK=config["BLOCK"], num_warps=config["num_warps"]
+    )
 
 
 def _build_dequantize(config: dict, problem: dict, device) -> Callable[[], object]:
@@ -86,8 +87,9 @@ def _build_dequantize(config: dict, problem: dict, device) -> Callable[[], objec
     x, lo, step, bits, C, inner, numel, nbytes = _quant_inputs(problem, device)
     data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
     grid = _grid(nbytes, config["BLOCK"])
-    return lambda: _dequantize_fwd_kernel[grid](x, data, lo, step, numel, nbytes, inner, C, BITS=bits,
-                                                BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+    return lambda: _dequantize_fwd_kernel[grid](
+        x, data, lo, step, numel, nbytes, inner, C, BITS=bits, BLOCK=config["BLOCK"], num_warps=config["num_warps"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,8 +103,12 @@ _BN_SHAPES_QUICK = ((64, 56), (512, 28), (2048, 7))
 
 def _bn_problems(quick: bool) -> list[dict]:
     shapes = _BN_SHAPES_QUICK if quick else _BN_SHAPES
-    return [{"shape": (32, c, s, s), "bits": bits, "channels_last": cl}
-            for c, s in shapes for bits in (8, 4, 2) for cl in (False, True)]
+    return [
+        {"shape": (32, c, s, s), "bits": bits, "channels_last": cl}
+        for c, s in shapes
+        for bits in (8, 4, 2)
+        for cl in (False, True)
+    ]
 
 
 def _bn_key(kernel: str) -> Callable[[dict], dict]:
@@ -130,9 +136,19 @@ def _bn_unit(problem: dict, device):
     C, bits = y.shape[1], problem["bits"]
     gamma, beta = torch.ones(C, device=device), torch.zeros(C, device=device)
     mean, invstd = torch.zeros(C, device=device), torch.ones(C, device=device)
-    P = ref.code_params(bits=bits, act="relu", wmin=torch.full((C,), -4.0, device=device),
-                        wmax=torch.full((C,), 4.0, device=device), wmean=mean, wstd=invstd, gamma=gamma, beta=beta,
-                        coded="xh", window=4.0, positive_fraction=0.75)
+    P = ref.code_params(
+        bits=bits,
+        act="relu",
+        wmin=torch.full((C,), -4.0, device=device),
+        wmax=torch.full((C,), 4.0, device=device),
+        wmean=mean,
+        wstd=invstd,
+        gamma=gamma,
+        beta=beta,
+        coded="xh",
+        window=4.0,
+        positive_fraction=0.75,
+    )
     return y, gamma, beta, mean, invstd, P, bits, memory_order(y)
 
 
@@ -167,8 +183,10 @@ def _build_bn(kernel: str) -> Callable[[dict, dict, torch.device], Callable[[], 
 REGISTRY: dict[str, Tunable] = {
     "quantize": Tunable("quantize", _quant_problems, _quant_key, _build_quantize),
     "dequantize": Tunable("dequantize", _quant_problems, _quant_key, _build_dequantize),
-    **{k: Tunable(k, _bn_problems, _bn_key(k), _build_bn(k))
-       for k in ("bn_stats", "bn_fwd", "bn_decode", "bn_bwd_reduce", "bn_bwd")},
+    **{
+        k: Tunable(k, _bn_problems, _bn_key(k), _build_bn(k))
+        for k in ("bn_stats", "bn_fwd", "bn_decode", "bn_bwd_reduce", "bn_bwd")
+    },
 }
 
 
@@ -176,8 +194,9 @@ REGISTRY: dict[str, Tunable] = {
 # tuning
 
 
-def tune(entries: list[Tunable], device, time_ms: Callable[[Callable], float], quick: bool = False,
-         progress=None) -> dict:
+def tune(
+    entries: list[Tunable], device, time_ms: Callable[[Callable], float], quick: bool = False, progress=None
+) -> dict:
     """``{tuning_key: winning config}`` over every problem of every entry; ``time_ms(fn)`` times one launch.
 
     Problems whose keys fall into the same bucket are timed together: a config's score in a bucket is the sum of
@@ -270,9 +289,9 @@ def run(args, parser) -> int:
             pass
     configs.update(winners)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "triton": triton.__version__, "configs": configs}, indent=2,
-                              sort_keys=True))
+    out.write_text(
+        json.dumps({"device": name, "triton": triton.__version__, "configs": configs}, indent=2, sort_keys=True)
+    )
     reload_tuned()
-    print(f"tritonact autotune: {len(winners)} configs for {', '.join(e.kernel for e in entries)} on {name} "
-          f"-> {out}")
+    print(f"tritonact autotune: {len(winners)} configs for {', '.join(e.kernel for e in entries)} on {name} -> {out}")
     return 0

@@ -23,25 +23,37 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     from tritonact import demo
 
-    d = sub.add_parser("demo", help="train a small ResNet on real digits in every mode and compare (~2-3 min on CPU)",
-                       description="Trains one small ResNet (torchvision BasicBlocks) on scikit-learn's digits from "
-                                   "the same seed in each mode (exact, 8-bit, 4-bit, 2-bit, naive-4-bit); prints a "
-                                   "table and writes results.json and demo.png to --out.")
+    d = sub.add_parser(
+        "demo",
+        help="train a small ResNet on real digits in every mode and compare (~2-3 min on CPU)",
+        description="Trains one small ResNet (torchvision BasicBlocks) on scikit-learn's digits from "
+        "the same seed in each mode (exact, 8-bit, 4-bit, 2-bit, naive-4-bit); prints a "
+        "table and writes results.json and demo.png to --out.",
+    )
     demo.add_arguments(d)
 
     sub.add_parser(
-        "bench", help="run the perf suite (pytest perf --benchmark-enable); extra options go to pytest",
+        "bench",
+        help="run the perf suite (pytest perf --benchmark-enable); extra options go to pytest",
         description="Runs `pytest perf --benchmark-enable` plus any options given after `bench`, e.g. "
-                    "`tritonact bench -k quantize --benchmark-autosave`, and exits with pytest's code.",
+        "`tritonact bench -k quantize --benchmark-autosave`, and exits with pytest's code.",
         add_help=False,  # so that `tritonact bench --help` reaches pytest too
     )
 
-    a = sub.add_parser("autotune", help="on a GPU: benchmark every kernel's candidate configs, store the winners",
-                       description="Benchmarks the candidate launch configs of the Triton kernels over representative "
-                                   "shapes and writes the winners to the per-GPU config file the kernels read at "
-                                   "first launch ($TRITONACT_CONFIG_DIR, default ~/.cache/tritonact).")
-    a.add_argument("--out", type=Path, default=None, metavar="PATH",
-                   help="write the JSON here instead of the per-GPU file in the config directory")
+    a = sub.add_parser(
+        "autotune",
+        help="on a GPU: benchmark every kernel's candidate configs, store the winners",
+        description="Benchmarks the candidate launch configs of the Triton kernels over representative "
+        "shapes and writes the winners to the per-GPU config file the kernels read at "
+        "first launch ($TRITONACT_CONFIG_DIR, default ~/.cache/tritonact).",
+    )
+    a.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the JSON here instead of the per-GPU file in the config directory",
+    )
     a.add_argument("--kernels", default=None, metavar="K1,K2", help="tune only these kernels (default: all)")
     a.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
     return p, {"demo": d, "autotune": a}
@@ -76,8 +88,10 @@ def bench(pytest_args: list[str]) -> int:
         print("tritonact bench needs pytest and pytest-benchmark: pip install 'tritonact[test]'", file=sys.stderr)
         return 2
     if not PERF_DIR.is_dir():
-        print(f"tritonact bench: no perf suite at {PERF_DIR} (it ships with the source checkout, not the wheel)",
-              file=sys.stderr)
+        print(
+            f"tritonact bench: no perf suite at {PERF_DIR} (it ships with the source checkout, not the wheel)",
+            file=sys.stderr,
+        )
         return 2
     # a child process, in the checkout root, so that pyproject's pytest settings and perf/conftest.py apply
     cmd = [sys.executable, "-m", "pytest", "perf", "--benchmark-enable", *pytest_args]

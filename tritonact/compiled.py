@@ -78,8 +78,19 @@ def _pv(t: torch.Tensor) -> torch.Tensor:
 
 
 def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta):
-    return ref.code_params(bits=bits, act=act, wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, gamma=gamma, beta=beta,
-                           coded=coded, window=window, positive_fraction=pf)
+    return ref.code_params(
+        bits=bits,
+        act=act,
+        wmin=wmin,
+        wmax=wmax,
+        wmean=wmean,
+        wstd=wstd,
+        gamma=gamma,
+        beta=beta,
+        coded=coded,
+        window=window,
+        positive_fraction=pf,
+    )
 
 
 # Packing ``8 // bits`` codes per byte, LSB first, a machine word at a time: on a little-endian host the bytes of a
@@ -183,8 +194,7 @@ def _make_forward_sum(bits, act, window, pf, rows, *_cls):
         M = s.numel() // s.shape[1]
         mean = s.sum(dim=(0, 2)) / M
         var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
-        P = _params(bits, act, "sum", window, pf, s.amin(dim=(0, 2)), s.amax(dim=(0, 2)), mean, var.sqrt(), gamma,
-                    beta)
+        P = _params(bits, act, "sum", window, pf, s.amin(dim=(0, 2)), s.amax(dim=(0, 2)), mean, var.sqrt(), gamma, beta)
         return _encode3(s, P, bits, act == "relu6", rows), P
 
     return forward_sum
@@ -243,8 +253,13 @@ def _make_pool_index(direction, kernel, stride, padding, dilation, dtype, *_cls)
     return pool_index
 
 
-_MAKERS = {"forward_xh": _make_forward_xh, "forward_sum": _make_forward_sum, "decode_act": _make_decode_act,
-           "backward": _make_backward, "pool_index": _make_pool_index}
+_MAKERS = {
+    "forward_xh": _make_forward_xh,
+    "forward_sum": _make_forward_sum,
+    "decode_act": _make_decode_act,
+    "backward": _make_backward,
+    "pool_index": _make_pool_index,
+}
 
 
 def _no_cuda_runtime_line(record: logging.LogRecord) -> bool:
@@ -260,8 +275,10 @@ def _quiet_logs() -> None:
     ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only machine, and
     ``standalone_compile`` warns that it cannot save a serialized artifact, which is never asked for here (its
     graph caches are off, see ``_Graph.compile``)."""
-    for name, line in (("torch.utils.cpp_extension", _no_cuda_runtime_line),
-                       ("torch._inductor.standalone_compile", _no_artifact_line)):
+    for name, line in (
+        ("torch.utils.cpp_extension", _no_cuda_runtime_line),
+        ("torch._inductor.standalone_compile", _no_artifact_line),
+    ):
         logger = logging.getLogger(name)
         if line not in logger.filters:
             logger.addFilter(line)
@@ -302,8 +319,10 @@ class _Graphs:
             if graph.accepts(args):
                 return graph.compiled
         if len(self.graphs) >= _GRAPH_LIMIT:
-            _warn_once(f"tritonact: {self.name}: {_GRAPH_LIMIT} graphs compiled already; the eager torch reference "
-                       "runs for inputs none of them accepts")
+            _warn_once(
+                f"tritonact: {self.name}: {_GRAPH_LIMIT} graphs compiled already; the eager torch reference "
+                "runs for inputs none of them accepts"
+            )
             return False
         try:
             graph = _Graph.compile(self.fn, args, self.name)
@@ -339,8 +358,10 @@ class _Graph:
         # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
         # symbols; without its caches of whole graphs, which on a hit restore a graph without restating the
         # conditions it was compiled under (the C++ of a graph is still cached: a warm compile takes seconds).
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
             compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
         symbols, specs = {}, []
         for i, val in enumerate(fakes):
@@ -439,8 +460,12 @@ def _call(kind: str, key: tuple, *args):
         if not _is_compile_error(e):
             raise
         _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        warnings.warn(f"tritonact: compiling the CPU path failed ({_failed}); the eager torch reference runs instead "
-                      "(set TRITONACT_COMPILE=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"tritonact: compiling the CPU path failed ({_failed}); the eager torch reference runs instead "
+            "(set TRITONACT_COMPILE=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -488,8 +513,9 @@ def decode_act(data, P, bits, shape, perm, act, dtype):
     return None if a3 is None else unview3(a3, shape, perm)
 
 
-def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None,
-                  residual_code=None):
+def unit_backward(
+    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, residual_code=None
+):
     """``reference.unit_backward_ref``, compiled; ``residual_code`` ``(data, P, act)``: the residual given by its
     code (same shape, layout and bits), decoded inside the loop instead of first into an fp32 tensor."""
     v3 = layout3(tuple(shape), perm, bits)
@@ -530,6 +556,13 @@ def pool_index(direction: str, t, in_shape, kernel, stride, padding, dilation):
     w_like = torch.empty((), dtype=torch.uint8, device=t.device).expand(in_shape[3])  # carries W only
     from tritonact import ops
 
-    key = (direction, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ops._index_dtype(in_shape),
-           *_cls(t.shape, t))
+    key = (
+        direction,
+        tuple(kernel),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        ops._index_dtype(in_shape),
+        *_cls(t.shape, t),
+    )
     return _call("pool_index", key, t, w_like)

@@ -92,29 +92,65 @@ def _device(s):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("tritonact-demo"), metavar="DIR",
-                   help="where results.json and demo.png go (default: ./tritonact-demo)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tritonact-demo"),
+        metavar="DIR",
+        help="where results.json and demo.png go (default: ./tritonact-demo)",
+    )
     p.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs instead of {DEFAULT_EPOCHS} (~1 min)")
-    p.add_argument("--epochs", type=_positive_int, default=None,
-                   help=f"training epochs per mode (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"training epochs per mode (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
     p.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="peak learning rate (default 0.1)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="weights and batch order (default 0)")
     p.add_argument("--device", type=_device, default=torch.device("cpu"), help="cpu (default) or cuda")
-    p.add_argument("--data", choices=DATASETS, default="digits",
-                   help="digits (scikit-learn, default) or cifar10 (a local copy, see --data-dir)")
-    p.add_argument("--data-dir", type=Path, default=None, metavar="PATH",
-                   help="folder holding torchvision's cifar-10-batches-py (never downloaded)")
-    p.add_argument("--modes", type=_modes, default=list(MODES), metavar="M1,M2",
-                   help=f"subset of {','.join(MODES)} (exact is always run)")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N",
-                   help="torch CPU threads (default 1: this model's small convolutions gain little from more, and "
-                        "extra threads slow down badly when the cores are shared)")
-    p.add_argument("--compile", action="store_true",
-                   help="CPU: run the compiled CPU path (TorchInductor; ~1 min of compilation per bit width on 2 "
-                        "cores, more than this tiny model's training saves); default: the eager torch path")
-    p.add_argument("--train-samples", type=_positive_int, default=None, metavar="N",
-                   help="train on the first N training samples only (default: all)")
+    p.add_argument(
+        "--data",
+        choices=DATASETS,
+        default="digits",
+        help="digits (scikit-learn, default) or cifar10 (a local copy, see --data-dir)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="folder holding torchvision's cifar-10-batches-py (never downloaded)",
+    )
+    p.add_argument(
+        "--modes",
+        type=_modes,
+        default=list(MODES),
+        metavar="M1,M2",
+        help=f"subset of {','.join(MODES)} (exact is always run)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default 1: this model's small convolutions gain little from more, and "
+        "extra threads slow down badly when the cores are shared)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU: run the compiled CPU path (TorchInductor; ~1 min of compilation per bit width on 2 "
+        "cores, more than this tiny model's training saves); default: the eager torch path",
+    )
+    p.add_argument(
+        "--train-samples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train on the first N training samples only (default: all)",
+    )
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -184,8 +220,11 @@ def small_resnet(in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64
     """A 3-stage ResNet of torchvision ``BasicBlock``s (conv-BN-ReLU-conv-BN + residual add, ReLU)."""
     from torchvision.models.resnet import BasicBlock
 
-    layers = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
-              nn.ReLU(inplace=True)]
+    layers = [
+        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(inplace=True),
+    ]
     cin = widths[0]
     for i, w in enumerate(widths):
         stride = 1 if i == 0 else 2
@@ -210,7 +249,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def _accuracy(model, x, y, batch: int = 512) -> float:
     model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
     model.train()
     return correct / len(y)
 
@@ -237,7 +276,7 @@ def run_mode(mode: str, data, args, bar) -> dict:
         for _ in range(args.epochs):
             perm = torch.randperm(n, generator=order).to(dev)
             for i in range(0, n, args.batch_size):
-                idx = perm[i:i + args.batch_size]
+                idx = perm[i : i + args.batch_size]
                 xb, yb = x_tr[idx], y_tr[idx]
                 _sync(dev)
                 t = time.perf_counter()
@@ -257,8 +296,9 @@ def run_mode(mode: str, data, args, bar) -> dict:
         accuracy = _accuracy(model, x_te, y_te)
         # memory of the trained model in this mode (after the accuracy: the measured step moves the weights)
         xb, yb = x_tr[: args.batch_size].clone(), y_tr[: args.batch_size].clone()  # own storage: "other" = batch
-        per_sample = activation_bytes_per_sample(model, lambda k: x_tr[torch.arange(k, device=dev) % n],
-                                                 batch_sizes=(2, 4))
+        per_sample = activation_bytes_per_sample(
+            model, lambda k: x_tr[torch.arange(k, device=dev) % n], batch_sizes=(2, 4)
+        )
         peak = peak_memory(model, xb, yb, optimizer=opt)
 
     warm = max(1, len(times) // 10)  # first steps pay for allocation and caches
@@ -307,8 +347,10 @@ def machine_info(device: torch.device) -> dict:
 
 
 def format_table(runs: list[dict]) -> str:
-    head = f"{'mode':<12} {'test acc %':>10} {'final loss':>10} {'act MiB/sample':>14} {'peak MiB':>9} " \
-           f"{'step s':>8} {'x exact':>7}"
+    head = (
+        f"{'mode':<12} {'test acc %':>10} {'final loss':>10} {'act MiB/sample':>14} {'peak MiB':>9} "
+        f"{'step s':>8} {'x exact':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in runs:
         lines.append(
@@ -341,8 +383,13 @@ def plot(runs: list[dict], path: Path) -> None:
     bars = ax2.bar(names, vals, color=[f"C{i}" for i in range(len(runs))])
     ref = vals[0] or 1.0
     for b, v in zip(bars, vals):
-        ax2.annotate(f"{v:.1f} KiB\n{ref / v:.1f}x less" if v and v != ref else f"{v:.1f} KiB",
-                     (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax2.annotate(
+            f"{v:.1f} KiB\n{ref / v:.1f}x less" if v and v != ref else f"{v:.1f} KiB",
+            (b.get_x() + b.get_width() / 2, v),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax2.set_ylabel("activation memory per sample (KiB)")
     ax2.set_title("Saved for backward, per sample")
     ax2.set_ylim(0, max(vals) * 1.25 if max(vals) > 0 else 1)
@@ -395,10 +442,17 @@ def _run(args: argparse.Namespace, tqdm) -> int:
     results = {
         "runs": runs,
         "settings": {
-            "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "seed": args.seed, "train_samples": n_train, "test_samples": len(data[3]),
-            "input_shape": list(data[0].shape[1:]), "model": "ResNet, BasicBlock stages 16/32/64",
-            "threads": torch.get_num_threads(), "compile": args.compile,
+            "data": args.data,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "train_samples": n_train,
+            "test_samples": len(data[3]),
+            "input_shape": list(data[0].shape[1:]),
+            "model": "ResNet, BasicBlock stages 16/32/64",
+            "threads": torch.get_num_threads(),
+            "compile": args.compile,
         },
         "machine": machine_info(args.device),
         "elapsed_s": elapsed,

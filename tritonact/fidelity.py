@@ -99,8 +99,9 @@ def _step(model: nn.Module, x, target, loss_fn: Callable, seed: int):
     return out.detach(), loss.detach()
 
 
-def exact_run(model: nn.Module, x: torch.Tensor, target, *, loss_fn: Callable = F.cross_entropy,
-              seed: int = 0) -> ExactRun:
+def exact_run(
+    model: nn.Module, x: torch.Tensor, target, *, loss_fn: Callable = F.cross_entropy, seed: int = 0
+) -> ExactRun:
     """One exact training step (forward, ``loss_fn(output, target)``, backward) on a deep copy of ``model``."""
     m = copy.deepcopy(model)
     convs = _conv_weights(m)
@@ -121,9 +122,19 @@ def exact_run(model: nn.Module, x: torch.Tensor, target, *, loss_fn: Callable = 
     return ExactRun(out, loss, grads, depth, seed)
 
 
-def grad_errors(model: nn.Module, x: torch.Tensor, target, *, bits: int, naive: bool = False,
-                loss_fn: Callable = F.cross_entropy, exact: ExactRun | None = None, seed: int = 0,
-                forward_rtol: float | None = None, **approx_kwargs) -> GradErrors:
+def grad_errors(
+    model: nn.Module,
+    x: torch.Tensor,
+    target,
+    *,
+    bits: int,
+    naive: bool = False,
+    loss_fn: Callable = F.cross_entropy,
+    exact: ExactRun | None = None,
+    seed: int = 0,
+    forward_rtol: float | None = None,
+    **approx_kwargs,
+) -> GradErrors:
     """Relative L2 error of every conv weight gradient of one approximate training step against exact.
 
     Args:

@@ -73,8 +73,12 @@ def _default_loss(out):
     raise TypeError(f"cannot build a loss from a model output of type {type(out).__name__}")
 
 
-def activation_bytes_per_sample(model: nn.Module, make_input: Callable[[int], torch.Tensor],
-                                batch_sizes: tuple[int, int] = (2, 4), loss_fn: Callable | None = None) -> float:
+def activation_bytes_per_sample(
+    model: nn.Module,
+    make_input: Callable[[int], torch.Tensor],
+    batch_sizes: tuple[int, int] = (2, 4),
+    loss_fn: Callable | None = None,
+) -> float:
     """Slope of :func:`saved_bytes` between two batch sizes: what one more sample costs (constants cancel)."""
     a, b = batch_sizes
     if not 0 < a < b:
@@ -100,8 +104,13 @@ _CATEGORIES = (
 )
 
 
-def peak_memory(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
-                loss_fn: Callable | None = None, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def peak_memory(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor | None = None,
+    loss_fn: Callable | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict:
     """Run one training step of ``model`` on ``x`` and return its peak memory, split by what holds it.
 
     The step is real: forward, loss, backward and, when ``optimizer`` is given, ``optimizer.step()``; parameters,

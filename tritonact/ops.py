@@ -57,8 +57,9 @@ class ActMeta:
         per = math.prod(self.shape[1:])
         if self.perm[0] != 0 or (n0 * per * self.bits) % 8:
             return self.decode_act(tensors, dtype)[n0:n1]
-        sub = ActMeta(self.bits, (n1 - n0,) + tuple(self.shape[1:]), self.perm, self.dtype, self.act, self.backend,
-                      self.compiled)
+        sub = ActMeta(
+            self.bits, (n1 - n0,) + tuple(self.shape[1:]), self.perm, self.dtype, self.act, self.backend, self.compiled
+        )
         return sub.decode_act((data[n0 * per * self.bits // 8 : (n1 * per * self.bits + 7) // 8], P), dtype)
 
     def decode_value(self, tensors):
@@ -112,8 +113,16 @@ class PoolMeta:
         out = torch.empty((N,) + tuple(self.out_shape[1:]), dtype=a.dtype, device=a.device)
         src = a.reshape(N, C, H * W)
         for n0, n1 in _batch_ranges(N, local[0].numel()):  # int64 indices a few samples at a time
-            idx = _pool_index("global", local[n0:n1], (n1 - n0, C, H, W), self.kernel, self.stride, self.padding,
-                              self.dilation, self.compiled)
+            idx = _pool_index(
+                "global",
+                local[n0:n1],
+                (n1 - n0, C, H, W),
+                self.kernel,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.compiled,
+            )
             torch.gather(src[n0:n1], 2, idx.reshape(n1 - n0, C, -1), out=out[n0:n1].view(n1 - n0, C, -1))
         return out
 
@@ -205,11 +214,18 @@ def _unit_forward_torch(spec: UnitSpec, y, gamma, beta, residual, out=None):
     if residual is None or spec.store_xh:  # xh is monotone in y: its range comes from y's
         xmin = (y.amin(dim=dims).float() - mean) * invstd
         xmax = (y.amax(dim=dims).float() - mean) * invstd
-        xh_P = lambda act: _params(spec, act, "xh", (xmin, xmax, torch.zeros_like(xmin), torch.ones_like(xmin)),
-                                   gamma, beta)
+        xh_P = lambda act: _params(
+            spec, act, "xh", (xmin, xmax, torch.zeros_like(xmin), torch.ones_like(xmin)), gamma, beta
+        )
     if residual is not None:
-        P = _params(spec, spec.act, "sum", ref.value_stats(out if out.dtype == torch.float32 else out.float(), "sum"),
-                    gamma, beta)
+        P = _params(
+            spec,
+            spec.act,
+            "sum",
+            ref.value_stats(out if out.dtype == torch.float32 else out.float(), "sum"),
+            gamma,
+            beta,
+        )
         extra_P = xh_P("none") if spec.store_xh else None
     else:
         P, extra_P = xh_P(spec.act), None
@@ -259,8 +275,17 @@ def _params(spec, act, coded, stats, gamma, beta):
     cfg = spec.config
     wmin, wmax, wmean, wstd = stats
     return ref.code_params(
-        bits=cfg.bits, act=act, wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, gamma=gamma, beta=beta,
-        coded=coded, window=cfg.effective_window, positive_fraction=cfg.positive_fraction,
+        bits=cfg.bits,
+        act=act,
+        wmin=wmin,
+        wmax=wmax,
+        wmean=wmean,
+        wstd=wstd,
+        gamma=gamma,
+        beta=beta,
+        coded=coded,
+        window=cfg.effective_window,
+        positive_fraction=cfg.positive_fraction,
     )
 
 
@@ -282,8 +307,9 @@ class _BNActFn(torch.autograd.Function):
                 out, data, P, invstd, extra = unit_forward(spec, y, gamma, beta, residual, out=box.out)
             else:
                 out, data, P, invstd, extra = _unit_forward_torch(spec, y, gamma, beta, residual, box.out)
-        meta = ActMeta(spec.config.bits, tuple(y.shape), memory_order(y), y.dtype, spec.act, spec.backend,
-                       spec.compiled)
+        meta = ActMeta(
+            spec.config.bits, tuple(y.shape), memory_order(y), y.dtype, spec.act, spec.backend, spec.compiled
+        )
         if spec.config.naive:
             out = meta.decode_act((data, P), out.dtype, out=out)
         box.tensors = (data, P)
@@ -337,7 +363,9 @@ class _BNActFn(torch.autograd.Function):
             g_y, g_gamma, g_beta, g_res = out
         need = ctx.needs_input_grad
         return (
-            None, None, None,
+            None,
+            None,
+            None,
             g_y.to(meta.dtype) if need[3] else None,
             g_gamma if need[4] else None,
             g_beta if need[5] else None,
@@ -410,11 +438,22 @@ class _ConvFn(torch.autograd.Function):
         a = ctx.meta.decode_act(tuple(code_tensors), dt, out=scratch)
         need = ctx.needs_input_grad
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            g.to(dt), a, weight.to(dt), ctx.bias_sizes, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0, 0], conv.groups, [need[3], need[4], bool(need[5])],
+            g.to(dt),
+            a,
+            weight.to(dt),
+            ctx.bias_sizes,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            False,
+            [0, 0],
+            conv.groups,
+            [need[3], need[4], bool(need[5])],
         )
         return (
-            None, None, None,
+            None,
+            None,
+            None,
             gi.to(ctx.x_dtype) if gi is not None else None,
             gw.to(weight.dtype) if gw is not None else None,
             gb if need[5] else None,

@@ -127,12 +127,19 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                     residual = other
             if final is not node:
                 plan.absorbed.add(node)
-            store_xh = residual is not None and m.weight is not None and bool(
-                (m.weight.detach().abs() < JOIN_MIN_GAMMA).any()
+            store_xh = (
+                residual is not None and m.weight is not None and bool((m.weight.detach().abs() < JOIN_MIN_GAMMA).any())
             )
             spec = ops.UnitSpec(
-                name=name, bn=m, act=act, has_residual=residual is not None, config=cfg, backend=backend,
-                compiled=cfg.effective_compile, store_xh=store_xh, covers=tuple(covers),
+                name=name,
+                bn=m,
+                act=act,
+                has_residual=residual is not None,
+                config=cfg,
+                backend=backend,
+                compiled=cfg.effective_compile,
+                store_xh=store_xh,
+                covers=tuple(covers),
             )
             plan.units[final] = (spec, node.args[0], residual)
             claimed.update({node, final})
@@ -169,8 +176,14 @@ def _describe(node: fx.Node, prefix: str) -> str:
 class Program:
     """Runs a traced graph with the plan's fused ops, dropping each value after its last use."""
 
-    def __init__(self, root: nn.Module, gm: fx.GraphModule, plan: Plan, signature: inspect.Signature,
-                 use_ring: bool | None = None):
+    def __init__(
+        self,
+        root: nn.Module,
+        gm: fx.GraphModule,
+        plan: Plan,
+        signature: inspect.Signature,
+        use_ring: bool | None = None,
+    ):
         self.root, self.plan, self.signature = root, plan, signature
         self.modules = dict(gm.named_modules())
         self.steps = []
@@ -232,8 +245,7 @@ class Program:
             if kind == "unit":
                 spec, y, res = extra
                 slot = self.ring_plan.slot_of.get(node) if ring is not None else None
-                out, code = ops.bn_act(spec, env[y], env[res] if res is not None else None, codes.get(res),
-                                       ring, slot)
+                out, code = ops.bn_act(spec, env[y], env[res] if res is not None else None, codes.get(res), ring, slot)
                 env[node] = out
                 if code is not None:
                     codes[node] = code
