@@ -1,6 +1,6 @@
 """Fused BN (+ residual add) + activation: forward with k-bit codes, code decoding, backward from the codes.
 
-Contracts: ``tritonact.ops._unit_forward_torch`` and ``tritonact.reference`` (``encode_ref``, ``decode_*_ref``,
+Contracts: ``tritonact.backends.TorchBackend.bn_act`` and ``tritonact.reference`` (``encode_ref``, ``decode_*_ref``,
 ``unit_backward_ref``). Every tensor is addressed in the memory order of the unit's input as ``(outer, C, inner)``
 with its own strides (NCHW: ``(N, C, H*W)``, channels_last: ``(N*H*W, C, 1)``), so both formats and expanded
 gradients run without a copy; outputs are dense in that order and codes are packed in it (``8 // bits`` per byte,
@@ -32,7 +32,6 @@ from tritonact.kernels._config import launch_config, size_bucket
 from tritonact.kernels.quantize import _round_to_bf16
 
 from tritonact import reference as ref
-from tritonact.ops import _bn_momentum
 from tritonact.quant import _inverse, memory_order
 
 # rows of the (PARAM_ROWS, C) grid tensor, as laid out by reference.ROWS
@@ -594,42 +593,6 @@ def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act
         **_EXACT,
     )
     return (dst if out is None or dst is out else out.copy_(dst)), data, xdata
-
-
-def unit_forward(spec, y, gamma, beta, residual, out=None):
-    """Contract of ``tritonact.ops._unit_forward_torch``: ``(out, data, P, invstd, extra)``, the output written into
-    ``out`` when given; updates the BN's running statistics like ``nn.BatchNorm2d`` in training mode."""
-    bn, cfg = spec.bn, spec.config
-    gamma, beta = gamma.detach().float(), beta.detach().float()
-    mean64, var64, ymin, ymax = bn_stats_forward(y)
-    mean, invstd = mean64.float(), (var64 + bn.eps).rsqrt().float()
-    eaf = _bn_momentum(bn)
-    if bn.track_running_stats and bn.running_mean is not None:
-        n = y.numel() // y.shape[1]
-        for buf, new in ((bn.running_mean, mean64), (bn.running_var, var64 * (n / max(n - 1, 1)))):
-            buf.copy_(eaf * new + (1.0 - eaf) * buf.double())
-    grid = dict(
-        bits=cfg.bits, gamma=gamma, beta=beta, window=cfg.effective_window, positive_fraction=cfg.positive_fraction
-    )
-    # min/max of xh from those of y: (y - mean) * invstd is monotone in y, also after fp32 rounding
-    xh_stats = dict(
-        wmin=(ymin - mean) * invstd,
-        wmax=(ymax - mean) * invstd,
-        wmean=torch.zeros_like(mean),
-        wstd=torch.ones_like(mean),
-    )
-    xP = None
-    if residual is None:
-        P = ref.code_params(act=spec.act, coded="xh", **xh_stats, **grid)
-    else:
-        smean, svar, smin, smax = bn_stats_forward(y, residual, mean, invstd, gamma, beta)
-        P = ref.code_params(
-            act=spec.act, coded="sum", wmin=smin, wmax=smax, wmean=smean.float(), wstd=svar.sqrt().float(), **grid
-        )
-        if spec.store_xh:
-            xP = ref.code_params(act="none", coded="xh", **xh_stats, **grid)
-    out, data, xdata = bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, cfg.bits, spec.act, out)
-    return out, data, P, invstd, ((xdata, xP) if xP is not None else ())
 
 
 def _decode_launch(data, P, bits, shape, perm, act, dtype, value):

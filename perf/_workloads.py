@@ -15,7 +15,7 @@ codes; the per-channel vectors are negligible)::
                                                             one for g_y: g and the codes are read twice)
 
 On CUDA tensors the Triton launchers of ``tritonact.kernels`` run; on CPU the torch path (``tritonact.quantize``'s
-torch backend, ``tritonact.ops._unit_forward_torch`` and ``tritonact.reference``), which has no separate statistics
+torch backend, ``tritonact.backends.TorchBackend.bn_act`` and ``tritonact.reference``), which has no separate statistics
 or fused-pass launcher.
 """
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import tritonact
-from tritonact import ops
+from tritonact import backends
 from tritonact import reference as ref
 from tritonact.config import ApproxConfig
 from tritonact.memory import activation_bytes_per_sample, peak_memory
@@ -94,20 +94,24 @@ def kernel_case(
         )
 
     bn = nn.BatchNorm2d(C).to(device)
-    spec = ops.UnitSpec("bench", bn, "relu", False, ApproxConfig(bits=bits, backend=backend), backend)
+    cfg = ApproxConfig(bits=bits, backend=backend)
+    be = backends.get(backend)
     gamma = torch.rand(C, generator=g, device=device) + 0.5
     beta = torch.randn(C, generator=g, device=device) * 0.2
     perm = memory_order(y)
+    rm, rv = bn.running_mean, bn.running_var
+    forward = lambda: be.bn_act(  # noqa: E731
+        y, gamma, beta, None, rm, rv, 0.1, bn.eps, bits=bits, act="relu", window=cfg.effective_window,
+        pf=cfg.positive_fraction, store_xh=False,
+    )  # fmt: skip
     if backend == "triton":
         from tritonact.kernels import bn_act as K
 
-        forward = lambda: K.unit_forward(spec, y, gamma, beta, None)
         backward, decode = K.unit_backward, K.decode_act
     else:
-        forward = lambda: ops._unit_forward_torch(spec, y, gamma, beta, None)
         backward, decode = ref.unit_backward_ref, ref.decode_act_ref
     with torch.no_grad():
-        out, data, P, invstd, _ = forward()
+        out, data, P, invstd = forward()[:4]
     case = lambda fn, nbytes: KernelCase(name, bits, tuple(shape), dtype, fn, nbytes)
     if name == "unit_forward":
         return case(forward, 3 * n * e + codes)

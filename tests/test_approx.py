@@ -409,19 +409,17 @@ def test_chunked_cpu_path_matches_whole_tensor_path(name, monkeypatch):
 def test_maxpool_window_index_round_trip(geom, dtype):
     """The stored window-local argmax maps back to max_pool2d's own flat index, for padding, dilation, ceil_mode and
     both arithmetic dtypes (fp32 is the default below 2**20 positions per plane)."""
-    from tritonact import ops
 
     kernel, stride, padding, dilation, ceil = geom
     x = torch.randn(2, 3, 13, 11)
     _, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
     shape = tuple(x.shape)
-    local = ops._local_index(idx, shape, kernel, stride, padding, dilation, dtype)
+    local = ref.local_index(idx, shape, kernel, stride, padding, dilation, dtype)
     assert local.dtype == torch.uint8 and int(local.max()) < kernel[0] * kernel[1]
-    assert torch.equal(ops._global_index(local, shape, kernel, stride, padding, dilation, dtype), idx)
+    assert torch.equal(ref.global_index(local, shape, kernel, stride, padding, dilation, dtype), idx)
 
 
 def test_window_index_dtype_widens_for_large_planes():
-    from tritonact import ops
 
-    assert ops._index_dtype((1, 1, 1024, 1024)) == torch.float32
-    assert ops._index_dtype((1, 1, 1025, 1024)) == torch.float64
+    assert ref.index_dtype((1, 1, 1024, 1024)) == torch.float32
+    assert ref.index_dtype((1, 1, 1025, 1024)) == torch.float64

@@ -255,13 +255,12 @@ def test_resnet18_compiled_matches_eager_path():
 
 
 def test_maxpool_index_compiled_matches_eager():
-    from tritonact import ops
 
     x = torch.randn(2, 3, 9, 11)
     geom = ((3, 3), (2, 2), (1, 1), (1, 1))
     _, idx = torch.nn.functional.max_pool2d(x, *geom[:3], dilation=geom[3], return_indices=True)
     local = compiled.pool_index("local", idx, tuple(x.shape), *geom)
-    assert torch.equal(local, ops._local_index(idx, tuple(x.shape), *geom))
+    assert torch.equal(local, ref.local_index(idx, tuple(x.shape), *geom))
     assert torch.equal(compiled.pool_index("global", local, tuple(x.shape), *geom), idx)
     assert math.prod(local.shape) == idx.numel() and local.dtype == torch.uint8
 
@@ -366,7 +365,6 @@ def test_graph_conditions_are_checked_per_input():
 def test_graph_is_not_reused_for_other_strides():
     """Same sizes, other strides (a channels_last max-pool index after an NCHW one): the graph traced for the first
     layout must not serve the second (its generated code indexes by the traced strides); a second graph does."""
-    from tritonact import ops
 
     geom = ((3, 3), (2, 2), (1, 1), (1, 1))
     x = torch.randn(2, 8, 10, 10)
@@ -375,7 +373,7 @@ def test_graph_is_not_reused_for_other_strides():
             x.contiguous(memory_format=fmt), *geom[:3], dilation=geom[3], return_indices=True
         )
         local = compiled.pool_index("local", idx, tuple(x.shape), *geom)
-        assert torch.equal(local, ops._local_index(idx, tuple(x.shape), *geom)), fmt
+        assert torch.equal(local, ref.local_index(idx, tuple(x.shape), *geom)), fmt
     key = next(g for g in compiled._ran if g.name.startswith("pool_index('local', (3, 3), (2, 2)"))
     assert len(key.graphs) == 2
 

@@ -6,13 +6,14 @@ computed from them, gradients) is compared with a tolerance that says where it c
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import tritonact
-from tritonact import ops
+from tritonact import backends
 from tritonact import reference as ref
 from tritonact.config import ApproxConfig
 from tritonact.quant import interpreter_enabled, memory_order
@@ -70,8 +71,27 @@ def make(shape, dtype, cl, device, seed=0, residual=False):
 
 def make_spec(C, act, join, bits, device, momentum=0.1, track=True):
     bn = nn.BatchNorm2d(C, momentum=momentum, track_running_stats=track).to(device)
-    cfg = ApproxConfig(bits=bits, backend="triton")
-    return ops.UnitSpec("unit", bn, act, join != "bn", cfg, "triton", store_xh=join == "sum+xh")
+    return SimpleNamespace(bn=bn, act=act, bits=bits, store_xh=join == "sum+xh")
+
+
+def unit_forward(spec, backend, y, gamma, beta, r, out=None):
+    """A unit's forward on ``backend`` as the unit's call site runs it (running statistics counted and copied
+    back): ``(out, data, P, invstd, extra)``."""
+    bn, cfg = spec.bn, ApproxConfig(bits=spec.bits)
+    rm = rv = None
+    eaf = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        rm, rv = bn.running_mean, bn.running_var
+        bn.num_batches_tracked.add_(1)
+        eaf = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    out, data, P, invstd, xdata, xP, new_rm, new_rv = backends.get(backend).bn_act(
+        y, gamma, beta, r, rm, rv, eaf, bn.eps, bits=spec.bits, act=spec.act, window=cfg.effective_window,
+        pf=cfg.positive_fraction, store_xh=spec.store_xh, out=out,
+    )  # fmt: skip
+    if rm is not None:
+        rm.copy_(new_rm)
+        rv.copy_(new_rv)
+    return out, data, P, invstd, ((xdata, xP) if xdata is not None else ())
 
 
 def coded_values(y, r, mean, invstd, gamma, beta):
@@ -99,10 +119,9 @@ def run_forward(case, act, join, bits, device, seed=0):
     y, r, gamma, beta = make(shape, dtype, cl, device, seed, residual=join != "bn")
     spec = make_spec(shape[1], act, join, bits, device)
     twin = copy.deepcopy(spec)  # its own BatchNorm2d, for the running statistics
-    twin.backend = "torch"
     with torch.no_grad():
-        got = K.unit_forward(spec, y, gamma, beta, r)
-        want = ops._unit_forward_torch(twin, y, gamma, beta, r)
+        got = unit_forward(spec, "triton", y, gamma, beta, r)
+        want = unit_forward(twin, "torch", y, gamma, beta, r)
     return y, r, gamma, beta, spec, twin, got, want
 
 
@@ -155,7 +174,7 @@ def test_running_stats_like_batchnorm2d(momentum, track, device):
     bn = copy.deepcopy(spec.bn)
     with torch.no_grad():
         for step in range(3):
-            K.unit_forward(spec, y + step, gamma, beta, None)
+            unit_forward(spec, "triton", y + step, gamma, beta, None)
             bn(y + step)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         a, b = getattr(spec.bn, name), getattr(bn, name)
@@ -269,9 +288,9 @@ def test_forward_into_given_output(dense, poison_empty):
     case = CASES[1]
     y, r, gamma, beta = make(case[0], case[1], case[2], "cpu", residual=True)
     spec = make_spec(case[0][1], "relu", "sum", 4, "cpu")
-    want = K.unit_forward(copy.deepcopy(spec), y, gamma, beta, r)[0]
+    want = unit_forward(copy.deepcopy(spec), "triton", y, gamma, beta, r)[0]
     slot = torch.full_like(y, float("nan")) if dense else torch.full(y.shape, float("nan"))  # y is channels_last
-    out = K.unit_forward(spec, y, gamma, beta, r, out=slot)[0]
+    out = unit_forward(spec, "triton", y, gamma, beta, r, out=slot)[0]
     assert out is slot
     exact(slot, want)
 

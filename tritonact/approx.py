@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -11,8 +10,8 @@ import torch
 from torch import nn
 
 from tritonact.config import ApproxConfig
-from tritonact.quant import resolve_backend
-from tritonact.rewrite import Program, has_hooks, make_plan, trace
+from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
+from tritonact.rewrite.calls import backend_name
 
 __all__ = ["approximate", "ApproxReport"]
 
@@ -29,17 +28,22 @@ class ApproxReport:
     coded_pools: list = field(default_factory=list)
     exact: list = field(default_factory=list)  # (what, why)
     ring_kept_out: list = field(default_factory=list)  # (unit, why its output is not in the ring)
-    programs: list = field(default_factory=list, repr=False)  # (prefix, Program)
+    rewritten: list = field(default_factory=list, repr=False)  # (prefix, Rewritten)
 
     @property
     def ring_slots(self) -> int:
         """Slots of the ring(s): the most unit outputs alive at once (summed over separately converted parts)."""
-        return sum(p.ring_plan.nslots for _, p in self.programs if p.ring_plan is not None)
+        return sum(r.ring_plan.nslots for _, r in self.rewritten if r.ring_plan is not None)
 
     @property
     def ring_bytes(self) -> int:
         """Bytes the ring buffers hold now (allocated on first use, grown with the batch)."""
-        return sum(p.ring.nbytes for _, p in self.programs if p.ring is not None)
+        return sum(r.ring.nbytes for _, r in self.rewritten if r.ring is not None)
+
+    @property
+    def graph_modules(self) -> list:
+        """The generated ``torch.fx.GraphModule`` of each converted part, as ``(prefix, GraphModule)``."""
+        return [(prefix, r.gm) for prefix, r in self.rewritten]
 
     @property
     def code_bytes(self) -> int:
@@ -65,7 +69,7 @@ class ApproxReport:
         for u in self.units:
             join = " (2 codes)" if u.store_xh else ""
             lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
-        if any(p.ring_plan is not None for _, p in self.programs):
+        if any(r.ring_plan is not None for _, r in self.rewritten):
             lines.append(f"ring: {self.ring_slots} slots, {self.ring_bytes / 2**20:.2f} MiB held")
             for what, why in self.ring_kept_out:
                 lines.append(f"  kept out of the ring: {what}: {why}")
@@ -99,9 +103,10 @@ class approximate:
     def __init__(
         self,
         model: nn.Module,
-        bits: int = 4,
+        bits: int | None = None,
         *,
-        naive: bool = False,
+        config: ApproxConfig | None = None,
+        naive: bool | None = None,
         backend: str | None = None,
         window: float | None = None,
         positive_fraction: float | None = None,
@@ -110,13 +115,26 @@ class approximate:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        kw = {} if positive_fraction is None else {"positive_fraction": positive_fraction}
-        self.config = ApproxConfig(
-            bits=bits, naive=naive, backend=backend, window=window, ring=ring, compile=compile, **kw
-        )
+        given = {
+            k: v
+            for k, v in dict(bits=bits, naive=naive, backend=backend, window=window,
+                             positive_fraction=positive_fraction, ring=ring, compile=compile).items()
+            if v is not None
+        }  # fmt: skip
+        if config is not None:
+            if not isinstance(config, ApproxConfig):
+                raise TypeError(f"config must be a tritonact.ApproxConfig, got {type(config).__name__}")
+            if given:
+                raise TypeError(
+                    f"approximate() got both config= and the keyword arguments {sorted(given)}; put those "
+                    "options into the ApproxConfig (e.g. dataclasses.replace(config, ...)) or drop config="
+                )
+            self.config = config
+        else:
+            self.config = ApproxConfig(**given)
         self.model = model
         self._swapped: list = []
-        self._programs: list = []
+        self._rewritten: list = []
         self._report: ApproxReport | None = None
 
     # -- context protocol --------------------------------------------------------------------------------
@@ -130,8 +148,8 @@ class approximate:
                 "enter the context outside the forward pass"
             )
         device = _model_device(model)
-        backend = resolve_backend(self.config.backend, device)
-        self._report = ApproxReport(bits=self.config.bits, programs=self._programs)
+        backend = backend_name(self.config, device)
+        self._report = ApproxReport(bits=self.config.bits, rewritten=self._rewritten)
         try:
             self._convert(model, "", backend)
         except BaseException:
@@ -142,9 +160,9 @@ class approximate:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore()
-        for _, program in self._programs:
-            if program.ring is not None:
-                program.ring.release()
+        for _, rw in self._rewritten:
+            if rw.ring is not None:
+                rw.ring.release()
         _ACTIVE.discard(self.model)
         return False
 
@@ -176,11 +194,11 @@ class approximate:
         rep.coded_pools += [prefix + n.target for n in plan.pools]
         rep.exact += plan.exact
         if plan.units:
-            program = Program(module, gm, plan, _signature(module), use_ring=self.config.ring)
-            self._programs.append((prefix, program))
-            if program.ring_plan is not None:
-                rep.ring_kept_out += [(name, why) for name, why in program.ring_plan.kept_out]
-            self._swap(module, program)
+            rw = generate(gm, plan, self.config)
+            self._rewritten.append((prefix, rw))
+            if rw.ring_plan is not None:
+                rep.ring_kept_out += [(name, why) for name, why in rw.ring_plan.kept_out]
+            self._swap(module, rw)
         elif not prefix:
             rep.exact.append((type(module).__name__, "no BatchNorm2d unit found: the whole model runs exactly"))
         # modules kept as calls because they have hooks: convert their insides separately
@@ -198,17 +216,16 @@ class approximate:
                         )
                         self._convert(sub, f"{prefix}{node.target}.", backend)
 
-    def _swap(self, module: nn.Module, program: Program) -> None:
+    def _swap(self, module: nn.Module, rw: Rewritten) -> None:
         had = "forward" in module.__dict__
         prev = module.__dict__.get("forward")
         original = module.forward
-        config = self.config
+        gm = rw.gm
 
         def forward(*args, **kwargs):
             if not module.training or not torch.is_grad_enabled():
                 return original(*args, **kwargs)
-            _sync_backend(program, config, args, kwargs)
-            return program(*args, **kwargs)
+            return gm(*args, **kwargs)
 
         forward.__wrapped__ = original
         module.forward = forward
@@ -221,19 +238,6 @@ class approximate:
                 module.__dict__["forward"] = prev
             else:
                 module.__dict__.pop("forward", None)
-
-
-def _sync_backend(program: Program, config: ApproxConfig, args, kwargs) -> None:
-    t = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    if t is None:
-        return
-    backend = resolve_backend(config.backend, t.device)
-    for spec, _, _ in program.plan.units.values():
-        spec.backend = backend
-
-
-def _signature(module: nn.Module) -> inspect.Signature:
-    return inspect.signature(module.forward)
 
 
 def _model_device(model: nn.Module) -> torch.device:

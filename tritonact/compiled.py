@@ -37,6 +37,8 @@ from tritonact.quant import _inverse
 __all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "decode_act", "unit_backward", "pool_index"]
 
 _R = ref.R
+# thread-local dispatch key sets (include, exclude) outside any op, as at import time
+_PLAIN_DISPATCH_STATE = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 _CODES_PER_WORD = {8: 1, 4: 8, 2: 4}  # codes per packing word (see ``_pack``): a code count must be a multiple
 _failed: str | None = None  # why compilation was given up, once it was
 _ran: set = set()  # keys' graph sets (_Graphs) that have run once
@@ -176,7 +178,7 @@ def _decode3(d, P, bits, act, v3):
 
 def _make_forward_xh(bits, act, window, pf, rows, *_cls):
     def forward_xh(y3, mean, invstd, gamma, beta):
-        # xh is monotone in y: its range comes from y's (as in ops._unit_forward_torch)
+        # xh is monotone in y: its range comes from y's (as in backends.TorchBackend._codes)
         xmin = (y3.amin(dim=(0, 2)).float() - mean) * invstd
         xmax = (y3.amax(dim=(0, 2)).float() - mean) * invstd
         zero = torch.zeros_like(xmin)
@@ -243,9 +245,7 @@ def _make_backward(bits, act, mode, ract, *_cls):
 
 
 def _make_pool_index(direction, kernel, stride, padding, dilation, dtype, *_cls):
-    from tritonact import ops  # (ops imports this module)
-
-    f = ops._local_index if direction == "local" else ops._global_index
+    f = ref.local_index if direction == "local" else ref.global_index
 
     def pool_index(t, w_like):
         return f(t, (0, 0, 0, w_like.shape[0]), kernel, stride, padding, dilation, dtype)
@@ -345,6 +345,14 @@ class _Graph:
 
     @classmethod
     def compile(cls, fn, args, name: str) -> _Graph:
+        # Called from inside a ``tritonact::`` op, where autograd's dispatch keys are excluded for the op's body:
+        # tracing and compiling run with the dispatch state of ordinary code instead (inductor's decompositions
+        # fail under the op's state).
+        with torch._C._ForceDispatchKeyGuard(*_PLAIN_DISPATCH_STATE):
+            return cls._compile(fn, args, name)
+
+    @classmethod
+    def _compile(cls, fn, args, name: str) -> _Graph:
         import torch._inductor
         import torch.fx.experimental._config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -552,17 +560,15 @@ def _dense_like(t: torch.Tensor, perm) -> torch.Tensor:
 
 
 def pool_index(direction: str, t, in_shape, kernel, stride, padding, dilation):
-    """``ops._local_index`` (``direction="local"``) or ``ops._global_index`` (``"global"``), compiled."""
+    """``reference.local_index`` (``direction="local"``) or ``reference.global_index`` (``"global"``), compiled."""
     w_like = torch.empty((), dtype=torch.uint8, device=t.device).expand(in_shape[3])  # carries W only
-    from tritonact import ops
-
     key = (
         direction,
         tuple(kernel),
         tuple(stride),
         tuple(padding),
         tuple(dilation),
-        ops._index_dtype(in_shape),
+        ref.index_dtype(in_shape),
         *_cls(t.shape, t),
     )
     return _call("pool_index", key, t, w_like)

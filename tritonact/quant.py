@@ -28,7 +28,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def memory_order(x: torch.Tensor) -> tuple[int, ...]:
     """Dims of ``x`` from outermost to innermost in memory (a permutation ``p`` with ``x.permute(p)`` dense)."""
-    return _order(x.stride())
+    strides = x.stride()
+    if torch.compiler.is_compiling() or not all(type(s) is int for s in strides):  # a trace: not cached
+        return _order.__wrapped__(tuple(strides))
+    return _order(strides)
 
 
 @functools.lru_cache(maxsize=1024)

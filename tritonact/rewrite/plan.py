@@ -1,25 +1,21 @@
-"""Finding the fused units in a model's graph and running the rewritten graph.
+"""Finding the fused units in a model's traced graph (the plan that :mod:`tritonact.rewrite.codegen` turns into
+a new graph).
 
 The model's ``forward`` is traced with ``torch.fx`` (modules with user hooks are kept as calls, so their hooks
-fire). The graph is not re-generated as code: a small executor (:class:`Program`) walks its nodes, running fused
-ops for the units it found, the model's own modules for everything else, and dropping every value right after
-its last use (the ring of ``tritonact.ring`` places those values).
+fire). A unit is a ``BatchNorm2d`` with, optionally, the residual add and the ReLU / ReLU6 after it; the plain
+convolutions and max-pools that read a unit's output consume its code.
 """
 
 from __future__ import annotations
 
-import inspect
 import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.node import map_arg
 
-from tritonact import ops
 from tritonact.config import ApproxConfig
-from tritonact.ring import Ring, schedule
 
 # A residual join whose BN has |gamma| below this at entry stores the BN value as a second code instead of
 # recovering it from the sum's code (the recovery divides by gamma; zero_init_residual starts at exactly 0).
@@ -76,8 +72,50 @@ def add_operands(node: fx.Node) -> tuple | None:
     return None
 
 
+@dataclass(eq=False)
+class UnitSpec:
+    """One fused unit of the rewritten model: which modules it covers and how it codes its output."""
+
+    name: str
+    bn: nn.BatchNorm2d
+    act: str  # "relu" | "relu6" | "none"
+    has_residual: bool
+    backend: str = "torch"  # the backend it was converted for (tritonact.backends)
+    store_xh: bool = False  # residual join whose BN value is stored as a second code (gamma ~ 0 at entry)
+    covers: tuple[str, ...] = ()
+    last_code_bytes: int = field(default=0, repr=False)  # of the last eager training forward
+    last_full_bytes: int = field(default=0, repr=False)
+
+
+def conv_eligible(conv: nn.Module) -> str | None:
+    """None if the conv can consume codes, else why not."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    return None
+
+
+def pool_eligible(pool: nn.Module) -> str | None:
+    if type(pool) is not nn.MaxPool2d:
+        return f"{type(pool).__name__} is not nn.MaxPool2d"
+    if pool.return_indices:
+        return "return_indices=True"
+    k = pair(pool.kernel_size)
+    if k[0] * k[1] > 256:
+        return f"kernel {k} has more than 256 positions"
+    return None
+
+
+def pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 @dataclass
 class Plan:
+    backend: str = "torch"  # of every call site (tritonact.backends)
     units: dict = field(default_factory=dict)  # final node -> (UnitSpec, y node, residual node | None)
     absorbed: set = field(default_factory=set)  # inner nodes of units (not executed on their own)
     convs: dict = field(default_factory=dict)  # conv node -> module
@@ -87,7 +125,7 @@ class Plan:
 
 def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str = "") -> Plan:
     modules = dict(gm.named_modules())
-    plan = Plan()
+    plan = Plan(backend=backend)
     coded: set[fx.Node] = set()
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
@@ -130,14 +168,12 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
             store_xh = (
                 residual is not None and m.weight is not None and bool((m.weight.detach().abs() < JOIN_MIN_GAMMA).any())
             )
-            spec = ops.UnitSpec(
+            spec = UnitSpec(
                 name=name,
                 bn=m,
                 act=act,
                 has_residual=residual is not None,
-                config=cfg,
                 backend=backend,
-                compiled=cfg.effective_compile,
                 store_xh=store_xh,
                 covers=tuple(covers),
             )
@@ -151,11 +187,13 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
         name = prefix + node.target
         src_coded = node.args[0] in coded
         if isinstance(m, nn.Conv2d) or isinstance(m, nn.MaxPool2d):
-            why = ops.conv_eligible(m) if isinstance(m, nn.Conv2d) else ops.pool_eligible(m)
+            why = conv_eligible(m) if isinstance(m, nn.Conv2d) else pool_eligible(m)
             if has_hooks(m):
                 why = f"{type(m).__name__} has user hooks"
             if len(node.args) != 1 or node.kwargs:
                 why = "called with extra arguments"
+            if why is None and isinstance(m, nn.MaxPool2d) and node.args[0] in plan.pools:
+                why = "reads another max-pool's output (a code carries one pool)"
             if why is None and src_coded:
                 if isinstance(m, nn.Conv2d):
                     plan.convs[node] = m
@@ -171,119 +209,6 @@ def _describe(node: fx.Node, prefix: str) -> str:
     if node.op == "call_module":
         return prefix + str(node.target)
     return getattr(node.target, "__name__", str(node.target))
-
-
-class Program:
-    """Runs a traced graph with the plan's fused ops, dropping each value after its last use."""
-
-    def __init__(
-        self,
-        root: nn.Module,
-        gm: fx.GraphModule,
-        plan: Plan,
-        signature: inspect.Signature,
-        use_ring: bool | None = None,
-    ):
-        self.root, self.plan, self.signature = root, plan, signature
-        self.modules = dict(gm.named_modules())
-        self.steps = []
-        self.placeholders = []
-        self.output_args = None
-        reads_per_step = []
-        for node in gm.graph.nodes:
-            if node in plan.absorbed:
-                continue
-            if node.op == "placeholder":
-                self.placeholders.append(node)
-                continue
-            if node.op == "output":
-                self.output_args = node.args[0]
-                reads = _nodes_in(node.args)
-                reads_per_step.append(reads)
-                self.steps.append(("output", node, None))
-                continue
-            if node in plan.units:
-                spec, y, res = plan.units[node]
-                self.steps.append(("unit", node, (spec, y, res)))
-                reads_per_step.append([y] + ([res] if res is not None else []))
-            elif node in plan.convs:
-                self.steps.append(("conv", node, plan.convs[node]))
-                reads_per_step.append([node.args[0]])
-            elif node in plan.pools:
-                self.steps.append(("pool", node, plan.pools[node]))
-                reads_per_step.append([node.args[0]])
-            else:
-                self.steps.append((node.op, node, None))
-                reads_per_step.append(_nodes_in((node.args, node.kwargs)))
-        last = {}
-        for i, reads in enumerate(reads_per_step):
-            for n in reads:
-                last[n] = i
-        self.frees = [[] for _ in self.steps]
-        for n, i in last.items():
-            self.frees[i].append(n)
-        self.last_use = last
-        self.use_ring = use_ring  # None: on for CUDA inputs only
-        self.ring_plan = schedule(self.steps, last, plan, self.modules) if use_ring is not False else None
-        self.ring = Ring(self.ring_plan.nslots) if self.ring_plan is not None else None
-
-    def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        env: dict = {}
-        codes: dict = {}
-        for ph in self.placeholders:
-            env[ph] = bound.arguments[ph.target.lstrip("*")]
-        get = env.__getitem__
-        result = None
-        ring = self.ring
-        if ring is not None and self.use_ring is None:
-            first = next((v for v in env.values() if isinstance(v, torch.Tensor)), None)
-            if first is None or first.device.type != "cuda":
-                ring = None
-        for (kind, node, extra), frees in zip(self.steps, self.frees):
-            if kind == "unit":
-                spec, y, res = extra
-                slot = self.ring_plan.slot_of.get(node) if ring is not None else None
-                out, code = ops.bn_act(spec, env[y], env[res] if res is not None else None, codes.get(res), ring, slot)
-                env[node] = out
-                if code is not None:
-                    codes[node] = code
-            elif kind == "conv":
-                env[node] = ops.conv_coded(extra, env[node.args[0]], codes.get(node.args[0]), ring)
-            elif kind == "pool":
-                out, code = ops.maxpool_coded(extra, env[node.args[0]], codes.get(node.args[0]))
-                env[node] = out
-                if code is not None:
-                    codes[node] = code
-            elif kind == "call_module":
-                env[node] = self.modules[node.target](*map_arg(node.args, get), **map_arg(node.kwargs, get))
-            elif kind == "call_function":
-                env[node] = node.target(*map_arg(node.args, get), **map_arg(node.kwargs, get))
-            elif kind == "call_method":
-                self_obj, *rest = map_arg(node.args, get)
-                env[node] = getattr(self_obj, node.target)(*rest, **map_arg(node.kwargs, get))
-            elif kind == "get_attr":
-                env[node] = _fetch_attr(self.root, node.target)
-            elif kind == "output":
-                result = map_arg(self.output_args, get)
-            for n in frees:
-                env.pop(n, None)
-                codes.pop(n, None)
-        return result
-
-
-def _nodes_in(a) -> list:
-    found = []
-    map_arg(a, found.append)
-    return found
-
-
-def _fetch_attr(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def trace(module: nn.Module) -> fx.GraphModule:

@@ -1,0 +1,271 @@
+"""``tritonact::bn_act`` and ``tritonact::bn_act_backward``: one fused BN (+ residual add) + activation unit.
+
+The forward op is functional: it returns the unit's output, its code, and the BN's running statistics after this
+batch (the caller copies them into the module's buffers, so the mutation is an ordinary ``copy_`` that autograd,
+``torch.compile`` and dispatch modes all see). Its autograd formula saves the code (never the output) and calls the
+backward op, which computes every gradient from the code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tritonact import backends
+from tritonact import reference as ref
+from tritonact.quant import memory_order
+
+__all__ = ["bn_act", "bn_act_backward", "DOUBLE_BACKWARD"]
+
+DOUBLE_BACKWARD = (
+    "tritonact: double backward (create_graph=True, e.g. a gradient penalty or a Hessian-vector product) through "
+    "an approximate unit is not supported, because its backward is computed from k-bit codes; run that step "
+    "outside tritonact.approximate"
+)
+
+
+def _empty0(like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty(0, dtype=dtype or like.dtype)
+
+
+def _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits):
+    if res_data is None:
+        return None
+    return backends.CodeRef(
+        res_data, res_P, res_local, tuple(res_shape), tuple(res_perm), bits, res_act, tuple(res_pool)
+    )
+
+
+@torch.library.custom_op("tritonact::bn_act", mutates_args=())
+def bn_act(
+    y: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    res_data: Tensor | None,
+    res_P: Tensor | None,
+    res_local: Tensor | None,
+    res_shape: list[int],
+    res_perm: list[int],
+    res_pool: list[int],
+    res_act: str,
+    bits: int,
+    act: str,
+    window: float,
+    positive_fraction: float,
+    store_xh: bool,
+    naive: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var)``; ``xdata``/``xP`` (the
+    second code of a join with ``store_xh``) and the running statistics are empty where absent. ``res_*``: the
+    residual's code, kept for the backward (the forward adds the exact ``residual``)."""
+    return _impl(
+        y,
+        gamma,
+        beta,
+        residual,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        eps,
+        bits,
+        act,
+        window,
+        positive_fraction,
+        store_xh,
+        naive,
+        backend,
+    )
+
+
+def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
+          window, positive_fraction, store_xh, naive, backend, out=None):  # fmt: skip
+    if momentum is None:  # cumulative average: the caller has counted this batch already
+        eaf = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+    else:
+        eaf = momentum
+    be = backends.get(backend)
+    out, data, P, invstd, xdata, xP, new_rm, new_rv = be.bn_act(
+        y,
+        gamma,
+        beta,
+        residual,
+        running_mean,
+        running_var,
+        eaf,
+        eps,
+        bits=bits,
+        act=act,
+        window=window,
+        pf=positive_fraction,
+        store_xh=store_xh,
+        out=out,
+    )
+    if naive:  # the baseline: later layers compute on the decoded activation
+        out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
+    return (
+        out, data, P, invstd,
+        xdata if xdata is not None else _empty0(data), xP if xP is not None else _empty0(P),
+        new_rm if new_rm is not None else _empty0(invstd), new_rv if new_rv is not None else _empty0(invstd),
+    )  # fmt: skip
+
+
+@bn_act.register_fake
+def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
+      res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
+      backend):  # fmt: skip
+    C = y.shape[1]
+    dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
+    nbytes = (y.numel() * bits + 7) // 8
+    f32 = torch.float32
+    return (
+        torch.empty_like(y, dtype=dtype),
+        y.new_empty(nbytes, dtype=torch.uint8),
+        y.new_empty(ref.PARAM_ROWS, C, dtype=f32),
+        y.new_empty(C, dtype=f32),
+        y.new_empty(nbytes if store_xh and residual is not None else 0, dtype=torch.uint8),
+        y.new_empty((ref.PARAM_ROWS, C) if store_xh and residual is not None else (0,), dtype=f32),
+        torch.empty_like(running_mean) if running_mean is not None else y.new_empty(0, dtype=f32),
+        torch.empty_like(running_var) if running_var is not None else y.new_empty(0, dtype=f32),
+    )
+
+
+def _setup(ctx, inputs, output):
+    (y, gamma, beta, residual, _rm, _rv, _nbt, _mom, _eps, res_data, res_P, res_local, res_shape, res_perm, res_pool,
+     res_act, bits, act, _w, _pf, store_xh, _naive, backend) = inputs  # fmt: skip
+    _out, data, P, invstd, xdata, xP = output[:6]
+    saved = [data, P, invstd, gamma, beta]
+    ctx.mode = "plain"
+    if residual is not None:
+        if store_xh:
+            ctx.mode, saved = "xh", saved + [xdata, xP]
+        elif res_data is not None:
+            ctx.mode, saved = "code", saved + [res_data, res_P] + ([res_local] if res_local is not None else [])
+        else:
+            ctx.mode, saved = "exact", saved + [residual]
+        ctx.res_dtype = residual.dtype
+    ctx.save_for_backward(*saved)
+    ctx.shape, ctx.perm, ctx.dtype = list(y.shape), list(memory_order(y)), y.dtype
+    ctx.bits, ctx.act, ctx.backend = bits, act, backend
+    ctx.res = (list(res_shape), list(res_perm), list(res_pool), res_act)
+    ctx.first_input = 0  # index of y among the inputs autograd sees (RingBNAct: 1)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g, *_):
+    n_in = 23
+    if g is None:
+        return (None,) * n_in
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD)
+    data, P, invstd, gamma, beta, *rest = ctx.saved_tensors
+    xdata = xP = residual = res_data = res_P = res_local = None
+    if ctx.mode == "xh":
+        xdata, xP = rest
+    elif ctx.mode == "code":
+        res_data, res_P, *loc = rest
+        res_local = loc[0] if loc else None
+    elif ctx.mode == "exact":
+        (residual,) = rest
+    res_shape, res_perm, res_pool, res_act = ctx.res
+    g_y, g_gamma, g_beta, g_res = torch.ops.tritonact.bn_act_backward(
+        g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
+        res_pool, res_act, ctx.shape, ctx.perm, ctx.bits, ctx.act, ctx.dtype,
+        ctx.res_dtype if ctx.mode != "plain" else ctx.dtype, ctx.backend,
+    )  # fmt: skip
+    need = ctx.needs_input_grad[ctx.first_input :]
+    return (
+        g_y if need[0] else None,
+        g_gamma if need[1] else None,
+        g_beta if need[2] else None,
+        g_res if ctx.mode != "plain" and need[3] else None,
+        *([None] * (n_in - 4)),
+    )
+
+
+bn_act.register_autograd(_backward, setup_context=_setup)
+
+
+class RingBNAct(torch.autograd.Function):
+    """``tritonact::bn_act`` writing its output into a given buffer (a ring slot), for eager execution only: an
+    op's output cannot alias a buffer it is handed, so this path keeps the op's implementation and autograd formula
+    but runs them from an ``autograd.Function``. Under ``torch.compile`` the op runs instead (inductor plans the
+    reuse of its buffers itself)."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        (y, gamma, beta, residual, rm, rv, nbt, momentum, eps, *_res, bits, act, window, pf, store_xh, naive,
+         backend) = inputs  # fmt: skip
+        outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
+                        naive, backend, out=out)  # fmt: skip
+        _setup(ctx, inputs, outputs)
+        ctx.first_input = 1
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_backward(ctx, *grads))
+
+
+@torch.library.custom_op("tritonact::bn_act_backward", mutates_args=())
+def bn_act_backward(
+    g: Tensor,
+    data: Tensor,
+    P: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    invstd: Tensor,
+    xdata: Tensor | None,
+    xP: Tensor | None,
+    residual: Tensor | None,
+    res_data: Tensor | None,
+    res_P: Tensor | None,
+    res_local: Tensor | None,
+    res_shape: list[int],
+    res_perm: list[int],
+    res_pool: list[int],
+    res_act: str,
+    shape: list[int],
+    perm: list[int],
+    bits: int,
+    act: str,
+    dtype: torch.dtype,
+    res_dtype: torch.dtype,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(g_y, g_gamma, g_beta, g_residual)`` of a unit from ``g = dL/d out`` and its code: ``g_y`` in ``dtype``
+    and ``g_residual`` in ``res_dtype``, both dense in memory order ``perm``; ``g_gamma``, ``g_beta`` fp32;
+    ``g_residual`` is empty for a unit without a residual add."""
+    shape, perm = tuple(shape), tuple(perm)
+    gamma, beta = gamma.detach().float(), beta.detach().float()
+    xh_code = (xdata, xP) if xdata is not None else None
+    res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits)
+    g_y, g_gamma, g_beta, g_res = backends.get(backend).bn_act_backward(
+        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code
+    )
+    if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
+        g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
+    g_y = ref.dense_in(g_y, perm, dtype)
+    g_res = ref.dense_in(g_res, perm, res_dtype) if g_res is not None else _empty0(g_y, res_dtype)
+    return g_y, g_gamma, g_beta, g_res
+
+
+@bn_act_backward.register_fake
+def _(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
+      res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend):  # fmt: skip
+    C = shape[1]
+    joined = residual is not None or res_data is not None or xdata is not None
+    return (
+        ref.empty_in(shape, perm, dtype, g.device),
+        g.new_empty(C, dtype=torch.float32),
+        g.new_empty(C, dtype=torch.float32),
+        ref.empty_in(shape, perm, res_dtype, g.device) if joined else g.new_empty(0, dtype=res_dtype),
+    )

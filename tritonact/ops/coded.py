@@ -1,0 +1,204 @@
+"""Ops that consume a unit's code: ``tritonact::conv2d`` (saves its input's code, not its input),
+``tritonact::max_pool2d`` (saves a uint8 window-local argmax) and ``tritonact::decode`` (a code back to the
+activation, for a weight gradient).
+
+A code crosses an op boundary as tensors and primitives: ``data`` (packed codes), ``P`` (the per-channel grid),
+``local`` (a max-pool's argmax, or None), the unit output's ``shape`` and memory order ``perm``, ``bits``, the
+unit's ``act`` and the pool's geometry ``pool`` (kernel, stride, padding, dilation: 8 ints, empty for none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tritonact import backends
+from tritonact import reference as ref
+from tritonact.ops.bn_act import DOUBLE_BACKWARD
+
+__all__ = ["conv2d", "decode", "max_pool2d", "max_pool2d_backward"]
+
+
+def _no_double_backward():
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decode
+
+
+@torch.library.custom_op("tritonact::decode", mutates_args=())
+def decode(
+    data: Tensor,
+    P: Tensor,
+    local: Tensor | None,
+    shape: list[int],
+    perm: list[int],
+    bits: int,
+    act: str,
+    pool: list[int],
+    dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
+    """``a~`` in ``dtype``: the unit's activation decoded (dense in ``perm``), or for a max-pool code, gathered at
+    the stored argmax (the pool output's shape, contiguous)."""
+    code = backends.CodeRef(data, P, local, tuple(shape), tuple(perm), bits, act, tuple(pool))
+    return backends.get(backend).decode(code, dtype)
+
+
+@decode.register_fake
+def _(data, P, local, shape, perm, bits, act, pool, dtype, backend):
+    if local is not None:
+        return local.new_empty(local.shape, dtype=dtype)
+    return ref.empty_in(shape, perm, dtype, data.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convolution
+
+
+@torch.library.custom_op("tritonact::conv2d", mutates_args=())
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    data: Tensor,
+    P: Tensor,
+    local: Tensor | None,
+    code_shape: list[int],
+    code_perm: list[int],
+    bits: int,
+    act: str,
+    pool: list[int],
+    backend: str,
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, ...)``, exactly; its autograd formula keeps ``weight`` and ``x``'s code
+    (``data``, ``P``, ``local``...) instead of ``x``, and computes the weight gradient from the decoded code."""
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+@conv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, *_code):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, data, P, local, code_shape, code_perm, bits, act, pool, be = (
+        inputs
+    )
+    ctx.save_for_backward(weight, data, P, *([local] if local is not None else []))
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.code = (list(code_shape), list(code_perm), bits, act, list(pool), be)
+    ctx.dtype, ctx.x_dtype = output.dtype, x.dtype
+    ctx.bias_sizes = [bias.shape[0]] if bias is not None else None
+    ctx.set_materialize_grads(False)
+
+
+def _conv_backward(ctx, g):
+    if g is None:
+        return (None,) * 16
+    _no_double_backward()
+    weight, data, P, *loc = ctx.saved_tensors
+    code_shape, code_perm, bits, act, pool, be = ctx.code
+    dt = ctx.dtype
+    a = torch.ops.tritonact.decode(data, P, loc[0] if loc else None, code_shape, code_perm, bits, act, pool, dt, be)
+    stride, padding, dilation, groups = ctx.conv
+    need = ctx.needs_input_grad
+    gi, gw, gb = torch.ops.aten.convolution_backward(
+        g.to(dt), a, weight.to(dt), ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+        [need[0], need[1], ctx.bias_sizes is not None and need[2]],
+    )  # fmt: skip
+    return (
+        gi.to(ctx.x_dtype) if gi is not None else None,
+        gw.to(weight.dtype) if gw is not None else None,
+        gb if ctx.bias_sizes is not None and need[2] else None,
+        *([None] * 13),
+    )
+
+
+conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# max-pool
+
+
+@torch.library.custom_op("tritonact::max_pool2d", mutates_args=())
+def max_pool2d(
+    x: Tensor,
+    kernel: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(F.max_pool2d(x, ...), local)``: the exact output and the window-local position (uint8, the output's
+    shape and layout) of each maximum, which is all its backward keeps."""
+    out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+    local = backends.get(backend).pool_index("local", idx, tuple(x.shape), kernel, stride, padding, dilation)
+    if local.stride() != idx.stride():
+        local = torch.empty_like(idx, dtype=torch.uint8).copy_(local)
+    return out, local
+
+
+@max_pool2d.register_fake
+def _(x, kernel, stride, padding, dilation, ceil_mode, backend):
+    out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+    return out, torch.empty_like(idx, dtype=torch.uint8)
+
+
+def _pool_setup(ctx, inputs, output):
+    x, kernel, stride, padding, dilation, _ceil, backend = inputs
+    ctx.save_for_backward(output[1])
+    ctx.args = (list(x.shape), list(kernel), list(stride), list(padding), list(dilation))
+    ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)
+
+
+def _pool_backward(ctx, g, _g_local):
+    if g is None:
+        return (None,) * 7
+    _no_double_backward()
+    (local,) = ctx.saved_tensors
+    gi = torch.ops.tritonact.max_pool2d_backward(g, local, *ctx.args, ctx.channels_last, ctx.backend)
+    return (gi,) + (None,) * 6
+
+
+max_pool2d.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+@torch.library.custom_op("tritonact::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(
+    g: Tensor,
+    local: Tensor,
+    in_shape: list[int],
+    kernel: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    channels_last: bool,
+    backend: str,
+) -> Tensor:
+    """The max-pool's input gradient: ``g`` scattered to the stored argmax positions."""
+    N, C, H, W = in_shape
+    be = backends.get(backend)
+    gi = torch.zeros(N, C, H * W, dtype=g.dtype, device=g.device)
+    for n0, n1 in ref.batch_ranges(N, C * local.shape[-1] * local.shape[-2]):  # int64 indices a few at a time
+        idx = be.pool_index("global", local[n0:n1], (n1 - n0, C, H, W), kernel, stride, padding, dilation)
+        gi[n0:n1].scatter_add_(2, idx.reshape(n1 - n0, C, -1), g[n0:n1].reshape(n1 - n0, C, -1))
+    gi = gi.view(N, C, H, W)
+    return gi.contiguous(memory_format=torch.channels_last) if channels_last else gi
+
+
+@max_pool2d_backward.register_fake
+def _(g, local, in_shape, kernel, stride, padding, dilation, channels_last, backend):
+    gi = g.new_empty(in_shape)
+    return gi.contiguous(memory_format=torch.channels_last) if channels_last else gi

@@ -1,0 +1,162 @@
+"""The call sites of the rewritten graph: small modules that hold one of the user's modules (shared, not copied)
+and call the ``tritonact::`` ops for it, or the module itself where the approximate path does not apply at run
+time (eval mode, no autograd, an unexpected shape, an empty batch).
+
+A unit returns ``(output, code)``; ``code`` is a :class:`Code` (tensors plus the primitives that describe them) or
+None where the unit ran exactly. Consumers take the code as a second argument.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tritonact import backends
+from tritonact import reference as ref
+from tritonact.config import ApproxConfig
+from tritonact.ops.bn_act import RingBNAct
+from tritonact.quant import memory_order
+from tritonact.rewrite.plan import UnitSpec, pair
+
+__all__ = ["Code", "Unit", "CodedConv", "CodedPool"]
+
+
+class Code(NamedTuple):
+    """A unit output's code as it flows through the graph (see ``tritonact.backends.CodeRef``)."""
+
+    data: torch.Tensor
+    P: torch.Tensor
+    local: torch.Tensor | None
+    shape: list
+    perm: list
+    bits: int
+    act: str
+    pool: list
+
+
+def _user_mode_active() -> bool:
+    """Whether a user's dispatch mode (MemTracker, FlopCounterMode, a FakeTensorMode...) is active: then nothing is
+    traced or compiled by the ops, the eager reference runs."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(torch._C._get_dispatch_mode(k) is not None for k in torch._C._TorchDispatchModeKey.__members__.values())
+
+
+def _backend(name: str) -> str:
+    if name == "compiled" and not torch.compiler.is_compiling() and _user_mode_active():
+        return "torch"
+    return name
+
+
+class Unit(nn.Module):
+    """One fused BN (+ add) + activation unit."""
+
+    def __init__(self, spec: UnitSpec, config: ApproxConfig, ring=None, slot: int | None = None):
+        super().__init__()
+        self.bn = spec.bn
+        self.spec = spec
+        self.bits, self.window, self.pf, self.naive = (
+            config.bits, config.effective_window, config.positive_fraction, config.naive,
+        )  # fmt: skip
+        self.ring, self.slot, self.use_ring = ring, slot, config.ring
+
+    def forward(self, y, residual=None, res_code: Code | None = None):
+        bn, spec = self.bn, self.spec
+        if (
+            not bn.training
+            or not torch.is_grad_enabled()
+            or y.dim() != 4
+            or y.numel() == 0
+            or y.numel() == y.shape[1]  # one value per channel: the module raises its own error
+            or (residual is not None and residual.shape != y.shape)
+        ):
+            z = bn(y)
+            if residual is not None:
+                z = z + residual
+            return ref.apply_act(z, spec.act), None
+        if not y.permute(memory_order(y)).is_contiguous():
+            y = y.contiguous()
+        perm = list(memory_order(y))
+        C = y.shape[1]
+        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=y.device)
+        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=y.device)
+        rm = rv = nbt = None
+        if bn.track_running_stats:
+            rm, rv = bn.running_mean, bn.running_var
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                nbt = bn.num_batches_tracked
+        backend = _backend(spec.backend)
+        if res_code is not None:
+            rc = (res_code.data, res_code.P, res_code.local, res_code.shape, res_code.perm, res_code.pool, res_code.act)
+        else:
+            rc = (None, None, None, [], [], [], "none")
+        args = (
+            y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, self.bits, spec.act, self.window,
+            self.pf, spec.store_xh and residual is not None, self.naive, backend,
+        )  # fmt: skip
+        buf = self._ring_slot(y, residual)
+        if buf is not None:
+            out, data, P, invstd, xdata, xP, new_rm, new_rv = RingBNAct.apply(buf, *args)
+        else:
+            out, data, P, invstd, xdata, xP, new_rm, new_rv = torch.ops.tritonact.bn_act(*args)
+        if rm is not None:
+            rm.copy_(new_rm.detach())
+            rv.copy_(new_rv.detach())
+        if not torch.compiler.is_compiling():
+            spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes
+            spec.last_full_bytes = y.numel() * y.element_size()
+        return out, Code(data, P, None, list(y.shape), perm, self.bits, spec.act, [])
+
+    def _ring_slot(self, y, residual):
+        if self.ring is None or self.slot is None or torch.compiler.is_compiling():
+            return None
+        if self.use_ring is None and y.device.type != "cuda":  # default: the ring on CUDA only
+            return None
+        dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
+        return self.ring.like(self.slot, y, dtype)
+
+
+class CodedConv(nn.Module):
+    """A ``Conv2d`` whose backward keeps its input's code."""
+
+    def __init__(self, conv: nn.Conv2d, backend: str):
+        super().__init__()
+        self.conv, self.backend = conv, backend
+
+    def forward(self, x, code: Code | None):
+        c = self.conv
+        if code is None or not torch.is_grad_enabled() or x.dim() != 4:
+            return c(x)
+        return torch.ops.tritonact.conv2d(
+            x, c.weight, c.bias, list(pair(c.stride)), list(pair(c.padding)), list(pair(c.dilation)), c.groups,
+            code.data, code.P, code.local, code.shape, code.perm, code.bits, code.act, code.pool,
+            _backend(self.backend),
+        )  # fmt: skip
+
+
+class CodedPool(nn.Module):
+    """A ``MaxPool2d`` that keeps a uint8 argmax; its output's code is its input's code plus that argmax."""
+
+    def __init__(self, pool: nn.MaxPool2d, backend: str):
+        super().__init__()
+        self.pool, self.backend = pool, backend
+        p = pool
+        self.geom = (
+            list(pair(p.kernel_size)), list(pair(p.stride if p.stride is not None else p.kernel_size)),
+            list(pair(p.padding)), list(pair(p.dilation)),
+        )  # fmt: skip
+
+    def forward(self, x, code: Code | None):
+        if code is None or code.local is not None or not torch.is_grad_enabled() or x.dim() != 4:
+            return self.pool(x), None
+        k, s, p, d = self.geom
+        out, local = torch.ops.tritonact.max_pool2d(x, k, s, p, d, self.pool.ceil_mode, _backend(self.backend))
+        return out, code._replace(local=local, pool=k + s + p + d)
+
+
+def backend_name(config: ApproxConfig, device: torch.device) -> str:
+    """The backend of a model's call sites (chosen once, at conversion): see ``tritonact.backends.select``."""
+    return backends.select(config.backend, device, config.effective_compile)

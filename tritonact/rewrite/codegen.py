@@ -1,0 +1,104 @@
+"""The rewritten model: a generated ``torch.fx.GraphModule`` whose nodes call the plan's units.
+
+Every node of the traced graph is copied, except that a unit's nodes (BN, add, activation) become one call of a
+:class:`~tritonact.rewrite.calls.Unit`, and the convolutions and max-pools that read a unit's output become calls
+that also take its code. The GraphModule shares the user's very modules, parameters and buffers; fx's code
+generation frees every value after its last use, so a full-precision activation lives only until its consumers
+have run. Ring slots (:mod:`tritonact.ring`) are assigned per unit output.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from torch import fx, nn
+from torch.fx.node import map_arg
+
+from tritonact.config import ApproxConfig
+from tritonact.rewrite.calls import CodedConv, CodedPool, Unit
+from tritonact.rewrite.plan import Plan
+from tritonact.ring import Ring, RingPlan, schedule
+
+__all__ = ["Rewritten", "generate"]
+
+
+@dataclass
+class Rewritten:
+    """A converted module: its generated graph, the plan it came from and its ring (or None)."""
+
+    gm: fx.GraphModule
+    plan: Plan
+    ring_plan: RingPlan | None
+    ring: Ring | None
+
+
+def _reads(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _ring_plan(gm: fx.GraphModule, plan: Plan) -> RingPlan:
+    steps, reads = [], []
+    for node in gm.graph.nodes:
+        if node in plan.absorbed or node.op == "placeholder":
+            continue
+        if node in plan.units:
+            spec, y, res = plan.units[node]
+            steps.append(("unit", node, (spec, y, res)))
+            reads.append([y] + ([res] if res is not None else []))
+        else:
+            steps.append((node.op, node, None))
+            reads.append(_reads(node))
+    last = {n: i for i, rs in enumerate(reads) for n in rs}
+    return schedule(steps, last, plan, dict(gm.named_modules()))
+
+
+def _fetch(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
+    """The rewritten GraphModule of traced ``gm`` under ``plan``."""
+    ring_plan = _ring_plan(gm, plan) if config.ring is not False else None
+    ring = Ring(ring_plan.nslots) if ring_plan is not None else None
+    modules: dict[str, nn.Module] = dict(gm.named_modules())
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    codes: dict[fx.Node, fx.Node] = {}
+
+    def call(module: nn.Module, label: str, kind: str, args) -> fx.Node:
+        name = f"tritonact_{kind}_{label.replace('.', '_')}"  # e.g. tritonact_unit_layer1_0_bn1
+        while name in modules:
+            name += "_"
+        modules[name] = module
+        return graph.call_module(name, args)
+
+    def split(node: fx.Node, result: fx.Node) -> None:
+        env[node] = graph.call_function(operator.getitem, (result, 0))
+        codes[node] = graph.call_function(operator.getitem, (result, 1))
+
+    for node in gm.graph.nodes:
+        if node in plan.absorbed:
+            continue
+        if node in plan.units:
+            spec, y, res = plan.units[node]
+            slot = ring_plan.slot_of.get(node) if ring_plan is not None else None
+            args = (env[y],) if res is None else (env[y], env[res], codes.get(res))
+            split(node, call(Unit(spec, config, ring, slot), spec.name, "unit", args))
+        elif node in plan.convs:
+            x = node.args[0]
+            env[node] = call(CodedConv(plan.convs[node], plan.backend), node.target, "conv", (env[x], codes.get(x)))
+        elif node in plan.pools:
+            x = node.args[0]
+            split(node, call(CodedPool(plan.pools[node], plan.backend), node.target, "pool", (env[x], codes.get(x))))
+        else:
+            if node.op == "get_attr":  # a parameter, buffer or constant the forward reads: the same object
+                modules[node.target] = _fetch(gm, node.target)
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.lint()
+    return Rewritten(fx.GraphModule(modules, graph, class_name=type(gm).__name__), plan, ring_plan, ring)
