@@ -106,8 +106,9 @@ def kernel_case(
     )  # fmt: skip
     if backend == "triton":
         from tritonact.kernels import bn_act as K
+        from tritonact.kernels import bn_act_bwd
 
-        backward, decode = K.unit_backward, K.decode_act
+        backward, decode = bn_act_bwd.unit_backward, K.decode_act
     else:
         backward, decode = ref.unit_backward_ref, ref.decode_act_ref
     with torch.no_grad():

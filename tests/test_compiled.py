@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import tritonact
-from tritonact import compiled
+from tritonact import compiled, graphs
 from tritonact import reference as ref
 from tritonact.config import ApproxConfig
 from tritonact.quant import memory_order
@@ -381,7 +381,7 @@ def test_graph_is_not_reused_for_other_strides():
 def test_graph_limit_runs_eager_and_remembers(monkeypatch):
     """Past the graphs-per-key limit an input runs eagerly (the entry point returns None), with one warning, and
     the decision is remembered for that input (no compilation attempt per call)."""
-    monkeypatch.setattr(compiled, "_GRAPH_LIMIT", 0)
+    monkeypatch.setattr(graphs, "_GRAPH_LIMIT", 0)
     key = (4, "relu", 1.75, 0.75, True, False, False, False, torch.float32, torch.float32)  # used by no other test
     s, gamma, beta = torch.randn(2, 8, 16), torch.rand(8) + 0.5, torch.randn(8)
     with pytest.warns(RuntimeWarning, match="graphs compiled already"):
@@ -389,5 +389,5 @@ def test_graph_limit_runs_eager_and_remembers(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compiled._call("forward_sum", key, s, gamma, beta) is None
-    graphs = compiled._compiled("forward_sum", *key)
-    assert graphs.graphs == [] and list(graphs.memo.values()) == [False]
+    key_graphs = compiled._compiled("forward_sum", *key)
+    assert key_graphs.graphs == [] and list(key_graphs.memo.values()) == [False]

@@ -20,6 +20,7 @@ from tritonact.quant import interpreter_enabled, memory_order
 
 pytest.importorskip("triton")
 from tritonact.kernels import bn_act as K  # noqa: E402
+from tritonact.kernels import bn_act_bwd as KB  # noqa: E402
 
 BITS = (2, 4, 8)
 ACTS = ("relu", "relu6", "none")
@@ -352,7 +353,7 @@ def check_backward(case, act, join, bits, device, expanded=False):
     residual = r if join == "sum" else None
     xh_code = extra if join == "sum+xh" else None
     args = (data, P, bits, tuple(shape), memory_order(y), act, gamma, beta, invstd, residual, xh_code)
-    g_y, g_gamma, g_beta, g_res = K.unit_backward(g, *args)
+    g_y, g_gamma, g_beta, g_res = KB.unit_backward(g, *args)
     w_y, w_gamma, w_beta, w_res = ref.unit_backward_ref(g, *args)
     assert g_y.dtype == dtype and g_y.stride() == y.stride()
     # the kernel writes g_y in g's dtype (ops casts the reference's fp32 to it): compare after the same rounding

@@ -154,7 +154,7 @@ def _bn_unit(problem: dict, device):
 
 def _build_bn(kernel: str) -> Callable[[dict, dict, torch.device], Callable[[], object]]:
     def build(config: dict, problem: dict, device) -> Callable[[], object]:
-        from tritonact.kernels import bn_act
+        from tritonact.kernels import bn_act, bn_act_bwd
         from tritonact.kernels._config import forced_config
 
         y, gamma, beta, mean, invstd, P, bits, perm = _bn_unit(problem, device)
@@ -167,7 +167,7 @@ def _build_bn(kernel: str) -> Callable[[dict, dict, torch.device], Callable[[], 
             call = lambda: bn_act.decode_act(data, P, bits, tuple(y.shape), perm, "relu", torch.float32)
         else:
             g = torch.randn_like(y)
-            call = lambda: bn_act.unit_backward(g, data, P, bits, tuple(y.shape), perm, "relu", gamma, beta, invstd)
+            call = lambda: bn_act_bwd.unit_backward(g, data, P, bits, tuple(y.shape), perm, "relu", gamma, beta, invstd)
 
         def fn():
             with forced_config(kernel, config):

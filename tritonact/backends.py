@@ -346,7 +346,7 @@ class TritonBackend(Backend):
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
     def bn_act_backward(self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code):
-        from tritonact.kernels.bn_act import unit_backward
+        from tritonact.kernels.bn_act_bwd import unit_backward
 
         if res_code is not None:
             residual = self.decode(res_code, torch.float32)

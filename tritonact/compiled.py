@@ -13,8 +13,8 @@ a machine word at a time (see ``_pack``). Shapes whose number of codes is not a 
 
 Each function is traced (``make_fx``, symbolic sizes) and compiled (``torch._inductor.standalone_compile``) per
 static key (bits, activation, window, dtypes...), and called directly, without ``torch.compile``'s per-call
-machinery (see :class:`_Graphs`): one graph serves a model's many shapes, and a shape outside the conditions a graph
-was compiled under gets one of its own.
+machinery (see :class:`tritonact.graphs.Graphs`): one graph serves a model's many shapes, and a shape outside the
+conditions a graph was compiled under gets one of its own.
 
 ``ApproxConfig(compile=False)`` or ``TRITONACT_COMPILE=0`` turns compilation off (the eager reference runs). If
 compiling fails (no C++ compiler, an unsupported torch), a warning says why once and the eager reference runs from
@@ -24,7 +24,6 @@ then on.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import sys
 import warnings
@@ -32,13 +31,12 @@ import warnings
 import torch
 
 from tritonact import reference as ref
+from tritonact.graphs import Graphs
 from tritonact.quant import _inverse
 
 __all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "decode_act", "unit_backward", "pool_index"]
 
 _R = ref.R
-# thread-local dispatch key sets (include, exclude) outside any op, as at import time
-_PLAIN_DISPATCH_STATE = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 _CODES_PER_WORD = {8: 1, 4: 8, 2: 4}  # codes per packing word (see ``_pack``): a code count must be a multiple
 _failed: str | None = None  # why compilation was given up, once it was
 _ran: set = set()  # keys' graph sets (_Graphs) that have run once
@@ -262,181 +260,9 @@ _MAKERS = {
 }
 
 
-def _no_cuda_runtime_line(record: logging.LogRecord) -> bool:
-    return "No CUDA runtime is found" not in record.getMessage()
-
-
-def _no_artifact_line(record: logging.LogRecord) -> bool:
-    return "artifact generation failed, cannot save" not in record.getMessage()
-
-
-def _quiet_logs() -> None:
-    """Two log lines that say nothing about this path are filtered (only they): inductor imports
-    ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on every CPU-only machine, and
-    ``standalone_compile`` warns that it cannot save a serialized artifact, which is never asked for here (its
-    graph caches are off, see ``_Graph.compile``)."""
-    for name, line in (
-        ("torch.utils.cpp_extension", _no_cuda_runtime_line),
-        ("torch._inductor.standalone_compile", _no_artifact_line),
-    ):
-        logger = logging.getLogger(name)
-        if line not in logger.filters:
-            logger.addFilter(line)
-
-
-class _Graphs:
-    """One key's compiled graphs. Each is traced with symbolic sizes (``make_fx``) and compiled by inductor
-    (``torch._inductor.standalone_compile``), and holds what its trace and compilation assumed of the inputs: their
-    dtypes, their sizes and strides as expressions of the trace's symbols, and conditions on those symbols (e.g.
-    "the per-channel reduction has more than 4096 elements": inductor then sums in chunks). An input that differs
-    gets a graph of its own. Calls go straight to the compiled code: without dynamo's frame evaluation, guard tree
-    and runtime wrappers a call costs about half as much, and far less when the caches are cold, as they are between
-    a model's convolutions (measured: docs/kernels.md). Which graph serves an input is found once per distinct input
-    signature (dtypes, sizes, strides, storage offsets) and remembered."""
-
-    def __init__(self, kind: str, key: tuple):
-        self.fn = _MAKERS[kind](*key)
-        self.name = f"{kind}{key}"
-        self.graphs: list[_Graph] = []
-        self.memo: dict = {}
-        self.unguardable = False  # a trace made conditions this class cannot check: the key runs eagerly
-
-    def __call__(self, *args):
-        """The compiled result, or None where the eager reference must run (remembered: no retry per call)."""
-        sig = tuple(None if a is None else (a.dtype, a.shape, a.stride(), a.storage_offset()) for a in args)
-        graph = self.memo.get(sig)
-        if graph is None:
-            graph = self._graph_for(args)
-            if len(self.memo) >= _MEMO_LIMIT:
-                self.memo.clear()
-            self.memo[sig] = graph
-        return graph(*args) if graph is not False else None
-
-    def _graph_for(self, args):
-        if self.unguardable:
-            return False
-        for graph in self.graphs:
-            if graph.accepts(args):
-                return graph.compiled
-        if len(self.graphs) >= _GRAPH_LIMIT:
-            _warn_once(
-                f"tritonact: {self.name}: {_GRAPH_LIMIT} graphs compiled already; the eager torch reference "
-                "runs for inputs none of them accepts"
-            )
-            return False
-        try:
-            graph = _Graph.compile(self.fn, args, self.name)
-        except _Unguardable as e:
-            self.unguardable = True
-            _warn_once(f"tritonact: {e}; the eager torch reference runs for this key")
-            return False
-        self.graphs.append(graph)
-        return graph.compiled
-
-
-class _Graph:
-    """A compiled graph and what it assumes of its inputs (see :class:`_Graphs`)."""
-
-    def __init__(self, compiled, specs, symbols, conditions):
-        self.compiled = compiled
-        self.specs = specs  # per input: None, or (dtype, size expressions, stride expressions)
-        self.symbols = symbols  # {symbol: (input, "size" | "stride" | "offset", dim)}
-        self.conditions = conditions  # sympy booleans over the symbols
-
-    @classmethod
-    def compile(cls, fn, args, name: str) -> _Graph:
-        # Called from inside a ``tritonact::`` op, where autograd's dispatch keys are excluded for the op's body:
-        # tracing and compiling run with the dispatch state of ordinary code instead (inductor's decompositions
-        # fail under the op's state).
-        with torch._C._ForceDispatchKeyGuard(*_PLAIN_DISPATCH_STATE):
-            return cls._compile(fn, args, name)
-
-    @classmethod
-    def _compile(cls, fn, args, name: str) -> _Graph:
-        import torch._inductor
-        import torch.fx.experimental._config as fx_config
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        if not hasattr(torch._inductor, "standalone_compile"):
-            raise ImportError(f"torch {torch.__version__} has no torch._inductor.standalone_compile")
-        # no duck sizing: two sizes equal in the example must not become one symbol
-        with fx_config.patch(use_duck_shape=False):
-            gm = make_fx(fn, tracing_mode="symbolic")(*args)
-        fakes = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-        # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
-        # symbols; without its caches of whole graphs, which on a hit restore a graph without restating the
-        # conditions it was compiled under (the C++ of a graph is still cached: a warm compile takes seconds).
-        with (
-            torch._inductor.config.patch(fx_graph_cache=False),
-            torch._functorch.config.patch(enable_autograd_cache=False),
-        ):
-            compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
-        symbols, specs = {}, []
-        for i, val in enumerate(fakes):
-            if not isinstance(val, torch.Tensor):
-                specs.append(None)
-                continue
-            specs.append((val.dtype, [_sym_expr(v) for v in val.shape], [_sym_expr(v) for v in val.stride()]))
-            for what, seq in (("size", val.shape), ("stride", val.stride()), ("offset", (val.storage_offset(),))):
-                for d, v in enumerate(seq):
-                    # the symbol the trace made for this size, before the shape env unified it with equal ones
-                    e = getattr(v.node, "_expr", v.node.expr) if isinstance(v, torch.SymInt) else None
-                    if e is not None and e.is_Symbol:
-                        symbols.setdefault(e, (i, what, d))
-        conditions = [g.expr for g in gm.shape_env.guards]
-        exprs = conditions + [e for s in specs if s is not None for e in (*s[1], *s[2])]
-        unknown = set().union(*(e.free_symbols for e in exprs)) - set(symbols) if exprs else set()
-        if unknown:
-            raise _Unguardable(f"{name}: conditions on {sorted(map(str, unknown))}, not input sizes")
-        graph = cls(compiled, specs, symbols, conditions)
-        if not graph.accepts(args):
-            raise _Unguardable(f"{name}: its own example input violates its conditions")
-        return graph
-
-    def accepts(self, args) -> bool:
-        """Whether ``args`` have the dtypes, sizes and strides the graph expects and satisfy its conditions."""
-        import sympy
-
-        if len(args) != len(self.specs):
-            return False
-        values = {}
-        for sym, (i, what, d) in self.symbols.items():
-            a = args[i]
-            v = a.shape[d] if what == "size" else a.stride(d) if what == "stride" else a.storage_offset()
-            values[sym] = sympy.Integer(v)
-        for spec, a in zip(self.specs, args):
-            if spec is None or a is None:
-                if (spec is None) != (a is None):
-                    return False
-                continue
-            dtype, sizes, strides = spec
-            if a.dtype != dtype or a.dim() != len(sizes):
-                return False
-            for e, v in zip((*sizes, *strides), (*a.shape, *a.stride())):
-                if e.xreplace(values) != v:
-                    return False
-        return all(c.xreplace(values) in (sympy.true, True) for c in self.conditions)
-
-
-def _sym_expr(v):
-    """A size or stride of a trace's fake tensor as a sympy expression (an int as a sympy integer)."""
-    import sympy
-
-    return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(v)
-
-
-class _Unguardable(RuntimeError):
-    pass
-
-
-_GRAPH_LIMIT = 8  # graphs per key; past it the eager reference runs for inputs no graph accepts
-_MEMO_LIMIT = 4096  # remembered input signatures per key
-
-
 @functools.cache
-def _compiled(kind: str, *key) -> _Graphs:
-    _quiet_logs()
-    return _Graphs(kind, key)
+def _compiled(kind: str, *key) -> Graphs:
+    return Graphs(f"{kind}{key}", _MAKERS[kind](*key))
 
 
 def _rows(v3, bits: int) -> bool:
@@ -453,7 +279,7 @@ def _cls(v3, *tensors) -> tuple:
 
 def _call(kind: str, key: tuple, *args):
     """Run compiled ``kind`` for ``key``. Returns None (the caller runs the eager reference) once compilation has
-    failed, or for an input this key does not compile a graph for (see :class:`_Graphs`)."""
+    failed, or for an input this key does not compile a graph for (see :class:`tritonact.graphs.Graphs`)."""
     global _failed
     if _failed is not None:
         return None
@@ -475,15 +301,6 @@ def _call(kind: str, key: tuple, *args):
             stacklevel=3,
         )
         return None
-
-
-_warned: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=6)  # the caller of the entry point (forward_xh...)
 
 
 def _is_compile_error(e: Exception) -> bool:

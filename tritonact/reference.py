@@ -286,7 +286,7 @@ def bn_backward_ref(g_z: torch.Tensor, xh: torch.Tensor, gamma: torch.Tensor, in
 
 
 def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None):
-    """Backward of one unit from its code (the CPU path; contract of ``kernels.bn_act.unit_backward``).
+    """Backward of one unit from its code (the CPU path; contract of ``kernels.bn_act_bwd.unit_backward``).
 
     Args:
         g: ``dL/d out`` (any float dtype, the unit output's layout).
