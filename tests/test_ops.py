@@ -159,6 +159,36 @@ def test_memtracker_sees_codes_as_activations_with_plain_numbers():
         assert abs(slope - ours) <= 0.1 * ours, (bits, slope, ours)
 
 
+def test_peak_memory_first_call_compiles_nothing_and_gives_numbers():
+    """tritonact.peak_memory's first step with the compiled CPU path on: MemTracker's mode is active for the whole
+    step (forward and backward), so the ops run the eager path and the numbers are plain."""
+    model = _tiny_resnet()
+    ran = len(compiled._ran)
+    with tritonact.approximate(model, bits=4, compile=True) as ctx:
+        peak = tritonact.peak_memory(model, torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+        assert ctx.report().code_bytes > 0
+    assert len(compiled._ran) == ran
+    bad = {k: type(v).__name__ for k, v in peak.items() if isinstance(v, (torch.SymInt, torch.SymFloat))}
+    assert not bad and peak["activations_temporaries_peak"] > 0, bad
+
+
+def test_backward_under_a_dispatch_mode_runs_eagerly():
+    """The forward runs compiled, outside any mode; its backward runs inside one (FlopCounterMode around the
+    backward only): the backward ops run the eager reference, nothing is compiled inside the mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with tritonact.approximate(model, bits=4, compile=True):
+        out = model(torch.randn(2, 3, 12, 12))
+        backward_graphs = lambda: [g for g in compiled._ran if g.name.startswith("backward")]  # noqa: E731
+        before = len(backward_graphs())
+        with FlopCounterMode(display=False) as flops:
+            out.sum().backward()
+    assert len(backward_graphs()) == before and flops.get_total_flops() > 0
+    assert model[0].weight.grad is not None
+
+
 def test_double_backward_raises_a_one_line_error():
     model = _tiny_resnet()
     x = torch.randn(2, 3, 16, 16, requires_grad=True)

@@ -23,7 +23,7 @@ import torch
 from tritonact import reference as ref
 from tritonact.quant import interpreter_enabled, memory_order, triton_available
 
-__all__ = ["Backend", "CodeRef", "register_backend", "get", "select", "names"]
+__all__ = ["Backend", "CodeRef", "register_backend", "get", "select", "names", "effective", "user_mode_active"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,23 @@ def select(preference: str | None, device: torch.device, compile: bool = True) -
     if compile and get("compiled").available(device):
         return "compiled"
     return "torch"
+
+
+def user_mode_active() -> bool:
+    """Whether a dispatch mode of the user's (MemTracker, FlopCounterMode, a FakeTensorMode...) is active."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(torch._C._get_dispatch_mode(k) is not None for k in torch._C._TorchDispatchModeKey.__members__.values())
+
+
+def effective(name: str) -> str:
+    """The backend to run now for a call site chosen to run ``name``: the eager reference instead of the compiled
+    path while a user's dispatch mode is active, so that nothing is traced or compiled inside it. Called where the
+    user's mode is still visible: by the call sites before an op, and by the autograd formulas before a backward
+    op (inside an op's body a mode that intercepted the op is popped)."""
+    if name == "compiled" and not torch.compiler.is_compiling() and user_mode_active():
+        return "torch"
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------

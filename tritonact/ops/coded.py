@@ -15,9 +15,9 @@ from torch import Tensor
 
 from tritonact import backends
 from tritonact import reference as ref
-from tritonact.ops.bn_act import DOUBLE_BACKWARD
+from tritonact.ops.bn_act import DOUBLE_BACKWARD, direct
 
-__all__ = ["conv2d", "decode", "max_pool2d", "max_pool2d_backward"]
+__all__ = ["conv2d", "decode", "max_pool2d", "max_pool2d_backward", "ConvFn", "MaxPoolFn"]
 
 
 def _no_double_backward():
@@ -29,8 +29,7 @@ def _no_double_backward():
 # decode
 
 
-@torch.library.custom_op("tritonact::decode", mutates_args=())
-def decode(
+def _decode(
     data: Tensor,
     P: Tensor,
     local: Tensor | None,
@@ -48,6 +47,9 @@ def decode(
     return backends.get(backend).decode(code, dtype)
 
 
+decode = torch.library.custom_op("tritonact::decode", _decode, mutates_args=())
+
+
 @decode.register_fake
 def _(data, P, local, shape, perm, bits, act, pool, dtype, backend):
     if local is not None:
@@ -59,8 +61,7 @@ def _(data, P, local, shape, perm, bits, act, pool, dtype, backend):
 # convolution
 
 
-@torch.library.custom_op("tritonact::conv2d", mutates_args=())
-def conv2d(
+def _conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -81,6 +82,9 @@ def conv2d(
     """``F.conv2d(x, weight, bias, ...)``, exactly; its autograd formula keeps ``weight`` and ``x``'s code
     (``data``, ``P``, ``local``...) instead of ``x``, and computes the weight gradient from the decoded code."""
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+conv2d = torch.library.custom_op("tritonact::conv2d", _conv2d, mutates_args=())
 
 
 @conv2d.register_fake
@@ -107,7 +111,8 @@ def _conv_backward(ctx, g):
     weight, data, P, *loc = ctx.saved_tensors
     code_shape, code_perm, bits, act, pool, be = ctx.code
     dt = ctx.dtype
-    a = torch.ops.tritonact.decode(data, P, loc[0] if loc else None, code_shape, code_perm, bits, act, pool, dt, be)
+    code = (data, P, loc[0] if loc else None, code_shape, code_perm, bits, act, pool)
+    a = (_decode if direct() else torch.ops.tritonact.decode)(*code, dt, backends.effective(be))
     stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
     gi, gw, gb = torch.ops.aten.convolution_backward(
@@ -125,12 +130,25 @@ def _conv_backward(ctx, g):
 conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+class ConvFn(torch.autograd.Function):
+    """``tritonact::conv2d`` run directly (see ``tritonact.ops.bn_act.direct``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _conv2d(*inputs)
+        _conv_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _conv_backward(ctx, g)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # max-pool
 
 
-@torch.library.custom_op("tritonact::max_pool2d", mutates_args=())
-def max_pool2d(
+def _max_pool2d(
     x: Tensor,
     kernel: list[int],
     stride: list[int],
@@ -146,6 +164,9 @@ def max_pool2d(
     if local.stride() != idx.stride():
         local = torch.empty_like(idx, dtype=torch.uint8).copy_(local)
     return out, local
+
+
+max_pool2d = torch.library.custom_op("tritonact::max_pool2d", _max_pool2d, mutates_args=())
 
 
 @max_pool2d.register_fake
@@ -168,15 +189,30 @@ def _pool_backward(ctx, g, _g_local):
         return (None,) * 7
     _no_double_backward()
     (local,) = ctx.saved_tensors
-    gi = torch.ops.tritonact.max_pool2d_backward(g, local, *ctx.args, ctx.channels_last, ctx.backend)
+    run = _max_pool2d_backward if direct() else torch.ops.tritonact.max_pool2d_backward
+    gi = run(g, local, *ctx.args, ctx.channels_last, backends.effective(ctx.backend))
     return (gi,) + (None,) * 6
 
 
 max_pool2d.register_autograd(_pool_backward, setup_context=_pool_setup)
 
 
-@torch.library.custom_op("tritonact::max_pool2d_backward", mutates_args=())
-def max_pool2d_backward(
+class MaxPoolFn(torch.autograd.Function):
+    """``tritonact::max_pool2d`` run directly (see ``tritonact.ops.bn_act.direct``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, local = _max_pool2d(*inputs)
+        _pool_setup(ctx, inputs, (out, local))
+        ctx.mark_non_differentiable(local)
+        return out, local
+
+    @staticmethod
+    def backward(ctx, g, g_local):
+        return _pool_backward(ctx, g, g_local)
+
+
+def _max_pool2d_backward(
     g: Tensor,
     local: Tensor,
     in_shape: list[int],
@@ -196,6 +232,9 @@ def max_pool2d_backward(
         gi[n0:n1].scatter_add_(2, idx.reshape(n1 - n0, C, -1), g[n0:n1].reshape(n1 - n0, C, -1))
     gi = gi.view(N, C, H, W)
     return gi.contiguous(memory_format=torch.channels_last) if channels_last else gi
+
+
+max_pool2d_backward = torch.library.custom_op("tritonact::max_pool2d_backward", _max_pool2d_backward, mutates_args=())
 
 
 @max_pool2d_backward.register_fake

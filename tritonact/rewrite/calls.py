@@ -16,7 +16,8 @@ from torch import nn
 from tritonact import backends
 from tritonact import reference as ref
 from tritonact.config import ApproxConfig
-from tritonact.ops.bn_act import RingBNAct
+from tritonact.ops.bn_act import BNActFn, direct
+from tritonact.ops.coded import ConvFn, MaxPoolFn
 from tritonact.quant import memory_order
 from tritonact.rewrite.plan import UnitSpec, pair
 
@@ -34,20 +35,6 @@ class Code(NamedTuple):
     bits: int
     act: str
     pool: list
-
-
-def _user_mode_active() -> bool:
-    """Whether a user's dispatch mode (MemTracker, FlopCounterMode, a FakeTensorMode...) is active: then nothing is
-    traced or compiled by the ops, the eager reference runs."""
-    if torch._C._len_torch_dispatch_stack() > 0:
-        return True
-    return any(torch._C._get_dispatch_mode(k) is not None for k in torch._C._TorchDispatchModeKey.__members__.values())
-
-
-def _backend(name: str) -> str:
-    if name == "compiled" and not torch.compiler.is_compiling() and _user_mode_active():
-        return "torch"
-    return name
 
 
 class Unit(nn.Module):
@@ -88,7 +75,7 @@ class Unit(nn.Module):
             if bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
                 nbt = bn.num_batches_tracked
-        backend = _backend(spec.backend)
+        backend = backends.effective(spec.backend)
         if res_code is not None:
             rc = (res_code.data, res_code.P, res_code.local, res_code.shape, res_code.perm, res_code.pool, res_code.act)
         else:
@@ -97,11 +84,11 @@ class Unit(nn.Module):
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, self.bits, spec.act, self.window,
             self.pf, spec.store_xh and residual is not None, self.naive, backend,
         )  # fmt: skip
-        buf = self._ring_slot(y, residual)
-        if buf is not None:
-            out, data, P, invstd, xdata, xP, new_rm, new_rv = RingBNAct.apply(buf, *args)
+        if direct():
+            outputs = BNActFn.apply(self._ring_slot(y, residual), *args)
         else:
-            out, data, P, invstd, xdata, xP, new_rm, new_rv = torch.ops.tritonact.bn_act(*args)
+            outputs = torch.ops.tritonact.bn_act(*args)
+        out, data, P, invstd, xdata, xP, new_rm, new_rv = outputs
         if rm is not None:
             rm.copy_(new_rm.detach())
             rv.copy_(new_rv.detach())
@@ -130,10 +117,11 @@ class CodedConv(nn.Module):
         c = self.conv
         if code is None or not torch.is_grad_enabled() or x.dim() != 4:
             return c(x)
-        return torch.ops.tritonact.conv2d(
+        run = ConvFn.apply if direct() else torch.ops.tritonact.conv2d
+        return run(
             x, c.weight, c.bias, list(pair(c.stride)), list(pair(c.padding)), list(pair(c.dilation)), c.groups,
             code.data, code.P, code.local, code.shape, code.perm, code.bits, code.act, code.pool,
-            _backend(self.backend),
+            backends.effective(self.backend),
         )  # fmt: skip
 
 
@@ -153,7 +141,8 @@ class CodedPool(nn.Module):
         if code is None or code.local is not None or not torch.is_grad_enabled() or x.dim() != 4:
             return self.pool(x), None
         k, s, p, d = self.geom
-        out, local = torch.ops.tritonact.max_pool2d(x, k, s, p, d, self.pool.ceil_mode, _backend(self.backend))
+        run = MaxPoolFn.apply if direct() else torch.ops.tritonact.max_pool2d
+        out, local = run(x, k, s, p, d, self.pool.ceil_mode, backends.effective(self.backend))
         return out, code._replace(local=local, pool=k + s + p + d)
 
 
