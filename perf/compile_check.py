@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    rows = [check(m, b, a.batch, a.size, a.bits) for m in a.models.split(",") for b in a.backends.split(",")]
+    rows = [check(m, b, a.batch, a.size, a.bits, a.rounds) for m in a.models.split(",") for b in a.backends.split(",")]
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("| " + " | ".join("---" for _ in keys) + " |")

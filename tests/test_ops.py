@@ -131,6 +131,29 @@ def test_torch_compile_fullgraph_trains_inside_the_context(backend):
         assert torch.equal(a, b)  # running statistics, num_batches_tracked: updated once, exactly alike
 
 
+def test_a_model_compiled_inside_is_exact_again_after_exit():
+    """torch.compile(model) called inside the context and used after it exits: dynamo's guards on the swapped
+    ``forward`` fail, it recompiles the user's own forward, and the step saves and computes what exact training
+    does."""
+    base = _tiny_resnet()
+    x = torch.randn(2, 3, 16, 16)
+    model, exact = copy.deepcopy(base), copy.deepcopy(base)
+    torch._dynamo.reset()
+    with tritonact.approximate(model, bits=4):
+        compiled_model = torch.compile(model, backend="eager")
+        compiled_model(x).sum().backward()
+    model.zero_grad()
+    counts = []
+    for m, f in ((model, compiled_model), (exact, exact)):
+        with tritonact.SavedTensorCounter(exclude=list(m.parameters())) as c:
+            out = f(x)
+        out.sum().backward()
+        counts.append(c.nbytes)
+    assert counts[0] == counts[1]
+    for p, q in zip(model.parameters(), exact.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_memtracker_sees_codes_as_activations_with_plain_numbers():
     """MemTracker around the first forward (compiled CPU path on): plain numbers, no compilation inside the user's
     dispatch mode, and a per-sample slope within 10 % of activation_bytes_per_sample at every bit width."""
