@@ -156,20 +156,24 @@ def test_a_model_compiled_inside_is_exact_again_after_exit():
 
 def test_memtracker_sees_codes_as_activations_with_plain_numbers():
     """MemTracker around the first forward (compiled CPU path on): plain numbers, no compilation inside the user's
-    dispatch mode, and a per-sample slope within 10 % of activation_bytes_per_sample at every bit width."""
+    dispatch mode, and its per-sample slope of activation memory equal to activation_bytes_per_sample at every bit
+    width once the input image is added (conv1 saves it; it was allocated before the tracker started, so MemTracker
+    does not count it as an activation). Measured on resnet50 at 128x128: 3.531 / 1.801 / 0.936 MiB per sample at
+    8 / 4 / 2 bits, + 0.1875 MiB of image = 3.719 / 1.988 / 1.123, the counter's numbers."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     model = _tiny_resnet()
-    make = lambda n: torch.randn(n, 3, 32, 32)  # noqa: E731
+    inputs = {n: torch.randn(n, 3, 32, 32) for n in (2, 6)}
+    image = inputs[2][0].nbytes
     for bits in (8, 4, 2):
         with tritonact.approximate(model, config=tritonact.ApproxConfig(bits=bits, compile=True)):
             held = {}
-            for n in (2, 6):
+            for n, x in inputs.items():
                 ran = len(compiled._ran)
                 mt = MemTracker()
                 mt.track_external(model)
                 with mt:
-                    out = model(make(n))
+                    out = model(x)
                     snap = mt.get_tracker_snapshot()[torch.device("cpu")]
                 assert len(compiled._ran) == ran, "nothing is compiled while a dispatch mode is active"
                 held[n] = {str(k): v for k, v in snap.items()}
@@ -178,8 +182,9 @@ def test_memtracker_sees_codes_as_activations_with_plain_numbers():
         act = next(k for k in held[2] if k.endswith("ACT"))
         slope = (held[6][act] - held[2][act]) / 4
         with tritonact.approximate(model, bits=bits, compile=False):  # the same codes, without compiling a backward
-            ours = tritonact.activation_bytes_per_sample(model, make, (2, 6))
-        assert abs(slope - ours) <= 0.1 * ours, (bits, slope, ours)
+            ours = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (2, 6))
+        # the same storages; only MemTracker's rounding of allocations to its block size may differ
+        assert abs(slope + image - ours) <= 0.01 * ours, (bits, slope, image, ours)
 
 
 def test_peak_memory_first_call_compiles_nothing_and_gives_numbers():
