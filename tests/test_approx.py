@@ -134,12 +134,23 @@ def test_enter_during_forward_is_an_error():
         ({"backend": "cuda"}, ValueError, "'cuda'"),
         ({"window": -1.0}, ValueError, "-1.0"),
         ({"positive_fraction": 1.5}, ValueError, "1.5"),
+        ({"positive_fraction": 0.03, "bits": 4}, ValueError, r"greater than 0.5 / 2\*\*bits = 0.03125"),
+        ({"positive_fraction": 0.125, "bits": 2}, ValueError, "0.125 leaves no code level"),
         ({"ring": "yes"}, TypeError, "'yes'"),
     ],
 )
 def test_bad_arguments(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         tritonact.approximate(resnet18(), **kwargs)
+
+
+def test_smallest_working_positive_fraction_keeps_gradients():
+    """Just above 0.5 / 2**bits one level codes the positive side: gradients below the last unit are not zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with tritonact.approximate(model, bits=4, positive_fraction=0.04):
+        model(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    assert model[0].weight.grad.abs().sum() > 0
 
 
 def test_not_a_module():
@@ -423,3 +434,47 @@ def test_window_index_dtype_widens_for_large_planes():
 
     assert ref.index_dtype((1, 1, 1024, 1024)) == torch.float32
     assert ref.index_dtype((1, 1, 1025, 1024)) == torch.float64
+
+
+def test_copies_and_pickles_made_inside_the_context_are_ordinary_exact_models(tmp_path):
+    """copy.deepcopy (EMA / SWA copies) and torch.save of a model inside the context: the copy computes with, and puts
+    gradients on, its own parameters, exactly; the original stays converted."""
+    import io
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    exact = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    with tritonact.approximate(model, bits=4) as ctx:
+        twin = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (twin, loaded):
+            m(x).sum().backward()
+            assert model.conv1.weight.grad is None  # nothing reached the original
+        with tritonact.SavedTensorCounter(exclude=list(model.parameters())) as c:
+            model(x).sum()
+        assert ctx.report().code_bytes > 0
+    exact(x).sum().backward()
+    for m in (twin, loaded):
+        for p, q in zip(m.parameters(), exact.parameters()):
+            assert torch.equal(p.grad, q.grad)
+    with tritonact.SavedTensorCounter(exclude=list(exact.parameters())) as c_exact:
+        exact(x).sum()
+    assert c.nbytes < c_exact.nbytes / 2  # the original was still approximate inside (3.1x less here)
+
+
+def test_an_empty_batch_does_what_pytorch_does():
+    """An empty batch runs each BN as the module itself does: an empty output, the same buffers as exact."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    exact = copy.deepcopy(model)
+    x = torch.randn(0, 3, 32, 32)
+    want = exact(x)
+    with tritonact.approximate(model, bits=4):
+        got = model(x)
+    assert got.shape == want.shape == (0, 10)
+    for a, b in zip(model.buffers(), exact.buffers()):
+        assert torch.equal(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -219,16 +220,7 @@ class approximate:
     def _swap(self, module: nn.Module, rw: Rewritten) -> None:
         had = "forward" in module.__dict__
         prev = module.__dict__.get("forward")
-        original = module.forward
-        gm = rw.gm
-
-        def forward(*args, **kwargs):
-            if not module.training or not torch.is_grad_enabled():
-                return original(*args, **kwargs)
-            return gm(*args, **kwargs)
-
-        forward.__wrapped__ = original
-        module.forward = forward
+        module.forward = _Forward(module, rw.gm, module.forward, prev)
         self._swapped.append((module, had, prev))
 
     def _restore(self) -> None:
@@ -238,6 +230,40 @@ class approximate:
                 module.__dict__["forward"] = prev
             else:
                 module.__dict__.pop("forward", None)
+
+
+class _Forward:
+    """The forward of a converted module while the context is open: the rewritten graph in training with autograd
+    on, the module's own forward otherwise. A copy (``copy.deepcopy``: EMA / SWA models, Lightning, timm) or a
+    pickle (``torch.save(model)``) of the module made inside the context gets the module's own forward, not this
+    one: the copy is an ordinary, exact model with its own parameters."""
+
+    def __init__(self, module: nn.Module, gm, original, prev):
+        self.module, self.gm, self.__wrapped__, self.prev = module, gm, original, prev
+
+    def __call__(self, *args, **kwargs):
+        if not self.module.training or not torch.is_grad_enabled():
+            return self.__wrapped__(*args, **kwargs)
+        return self.gm(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        if self.prev is not None:  # an instance-level forward the user had set
+            return copy.deepcopy(self.prev, memo)
+        new = memo.get(id(self.module))  # the copy of the module being made (deepcopy registers it first)
+        if new is None:
+            raise TypeError("tritonact: a converted forward can only be copied together with its module")
+        return types.MethodType(type(self.module).forward, new)
+
+    def __reduce__(self):
+        if self.prev is not None:
+            return (_identity, (self.prev,))
+        return (getattr, (self.module, "forward"))  # at load time: the class's forward, bound
+
+
+def _identity(x):
+    return x
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -33,7 +33,8 @@ class ApproxConfig:
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA, torch on CPU).
         window: half-width of the coded window in standard deviations; ``None`` picks ``DEFAULT_WINDOW[bits]``
             (``inf`` / 3.5 / 2.0 at 8 / 4 / 2 bits), ``math.inf`` uses the observed per-channel min/max.
-        positive_fraction: share of code levels above the ReLU threshold, in (0, 1); default
+        positive_fraction: share of code levels above the ReLU threshold, in ``(0.5 / 2**bits, 1)`` (at or below
+            the lower end no level would be left above the threshold); default
             ``DEFAULT_POSITIVE_FRACTION`` (0.75). Where a channel has values on both sides of the threshold,
             ``max(1, round(2**bits * (1 - positive_fraction)))`` levels code the values below it.
         ring: keep full-precision activations in a ring of shared buffers (docs/memory.md). ``None`` (default):
@@ -66,6 +67,13 @@ class ApproxConfig:
         pf = self.positive_fraction
         if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 < pf < 1:
             raise ValueError(f"positive_fraction must be in (0, 1), got {pf!r}")
+        if isinstance(self.bits, int) and round((1 << self.bits) * (1 - pf)) >= (1 << self.bits):
+            # every level would code values below the ReLU threshold: no positive bin, an all-zero mask, and every
+            # gradient through a unit exactly 0
+            raise ValueError(
+                f"positive_fraction={pf!r} leaves no code level above the ReLU threshold at {self.bits} bits; it must "
+                f"be greater than 0.5 / 2**bits = {0.5 / (1 << self.bits):g}"
+            )
         if self.ring is not None and not isinstance(self.ring, bool):
             raise TypeError(f"ring must be True, False or None, got {self.ring!r}")
         if self.compile is not None and not isinstance(self.compile, bool):
