@@ -151,7 +151,7 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                 if k and u.args[0] is node:
                     final, act = u, k
                     covers.append(_describe(u, prefix))
-                elif ops_ is not None and u not in plan.absorbed:
+                elif ops_ is not None and u not in plan.absorbed and u not in claimed:
                     other = ops_[1] if ops_[0] is node else ops_[0]
                     nxt = list(u.users)
                     k2 = act_kind(nxt[0], modules) if len(nxt) == 1 else None
