@@ -509,3 +509,16 @@ def test_sum_of_two_bn_outputs_converts_both():
         p, q = model.get_parameter(name), exact.get_parameter(name)
         # 8-bit codes: measured 0.0008-0.004 here (the resnets' 8-bit median is 0.013-0.028, docs/method.md)
         assert (p.grad - q.grad).norm() / q.grad.norm() < 0.02, name
+
+
+def test_a_forward_kept_past_the_exit_runs_the_model_exactly():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with tritonact.approximate(model, bits=4):
+        kept = model.forward
+    with tritonact.SavedTensorCounter(exclude=list(model.parameters())) as c_kept:
+        kept(x).sum()
+    with tritonact.SavedTensorCounter(exclude=list(model.parameters())) as c_exact:
+        model(x).sum()
+    assert c_kept.nbytes == c_exact.nbytes

@@ -226,6 +226,8 @@ class approximate:
     def _restore(self) -> None:
         while self._swapped:
             module, had, prev = self._swapped.pop()
+            if isinstance(module.__dict__.get("forward"), _Forward):
+                module.__dict__["forward"].active = False
             if had:
                 module.__dict__["forward"] = prev
             else:
@@ -240,9 +242,10 @@ class _Forward:
 
     def __init__(self, module: nn.Module, gm, original, prev):
         self.module, self.gm, self.__wrapped__, self.prev = module, gm, original, prev
+        self.active = True  # False once the context has exited (a reference kept past it runs the module's own)
 
     def __call__(self, *args, **kwargs):
-        if not self.module.training or not torch.is_grad_enabled():
+        if not self.active or not self.module.training or not torch.is_grad_enabled():
             return self.__wrapped__(*args, **kwargs)
         return self.gm(*args, **kwargs)
 
