@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tritonact import reference as ref
-from tritonact.quant import interpreter_enabled, memory_order, triton_available
+from tritonact.quant import interpreter_enabled, memory_order, resolve_backend, triton_available
 
 __all__ = ["Backend", "CodeRef", "register_backend", "get", "select", "names", "effective", "user_mode_active"]
 
@@ -129,18 +129,7 @@ def select(preference: str | None, device: torch.device, compile: bool = True) -
     """The backend for tensors on ``device``: the user's ``preference`` (``"triton"``, ``"torch"`` or ``None``:
     Triton on CUDA, torch elsewhere), with the torch reference compiled on CPU when ``compile``. Raises a clear
     error where the preferred backend cannot run."""
-    if preference not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {preference!r}")
-    if preference is None:
-        preference = "triton" if device.type == "cuda" and triton_available() else "torch"
-    if preference == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
-        if not get("triton").available(device):
-            raise RuntimeError(
-                f"backend='triton' on a {device.type} tensor runs only under Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before tritonact is imported, or use backend='torch'"
-            )
+    if resolve_backend(preference, device) == "triton":  # (the quantizer's choice and errors: one rule for both)
         return "triton"
     if compile and get("compiled").available(device):
         return "compiled"
