@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import operator
 import sys
+import threading
 import types
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.optim.optimizer as _optimizer
 from torch import nn
 
 from tritonact.config import ApproxConfig
 from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
 from tritonact.rewrite.calls import backend_name
+from tritonact.rewrite.plan import decide_joins
 
 __all__ = ["approximate", "ApproxReport"]
 
@@ -134,9 +138,11 @@ class approximate:
         else:
             self.config = ApproxConfig(**given)
         self.model = model
-        self._swapped: list = []
+        self._swapped: list = []  # (module, had an instance forward, that forward)
         self._rewritten: list = []
         self._report: ApproxReport | None = None
+        self._cache: list[_Conversion] = []  # newest first
+        self._backend = "torch"
 
     # -- context protocol --------------------------------------------------------------------------------
     def __enter__(self) -> approximate:
@@ -148,23 +154,27 @@ class approximate:
                 f"tritonact.approximate entered while {type(model).__name__} is running its forward; "
                 "enter the context outside the forward pass"
             )
-        device = _model_device(model)
-        backend = backend_name(self.config, device)
-        self._report = ApproxReport(bits=self.config.bits, rewritten=self._rewritten)
+        self._backend = backend_name(self.config, _model_device(model))
+        self._cache.clear()
         try:
-            self._convert(model, "", backend)
+            # entered in eval mode: convert the model as it will train (every submodule in training mode)
+            self._build(train_all=not model.training)
         except BaseException:
             self._restore()
             raise
         _ACTIVE.add(model)
+        _watch_optimizer_steps(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore()
-        for _, rw in self._rewritten:
-            if rw.ring is not None:
-                rw.ring.release()
+        for conv in self._cache:
+            for _, rw in conv.report.rewritten:
+                if rw.ring is not None:
+                    rw.ring.release()
+        self._cache.clear()
         _ACTIVE.discard(self.model)
+        _CONTEXTS.discard(self)
         return False
 
     def report(self) -> ApproxReport:
@@ -174,9 +184,38 @@ class approximate:
         return self._report
 
     # -- conversion -----------------------------------------------------------------------------------------
-    def _convert(self, module: nn.Module, prefix: str, backend: str) -> None:
+    def _build(self, train_all: bool = False) -> None:
+        """Convert the model as it is now, or put back an earlier conversion of exactly this structure."""
+        self._restore()
+        shape = _structure(self.model, all_training=train_all)
+        for conv in self._cache:
+            if conv.shape == shape:
+                break
+        else:
+            self._report = ApproxReport(bits=self.config.bits)
+            self._rewritten = self._report.rewritten
+            with _TRACING:
+                self._convert(self.model, "", self._backend, train_all)
+            conv = _Conversion(shape, self._report, self._swapped[:])
+            self._swapped.clear()
+            self._cache.insert(0, conv)
+            for old in self._cache[_CACHED:]:
+                for _, rw in old.report.rewritten:
+                    if rw.ring is not None:
+                        rw.ring.release()
+            del self._cache[_CACHED:]
+        self._report, self._rewritten = conv.report, conv.report.rewritten
+        for module, fwd in conv.forwards:
+            self._swap(module, fwd)
+
+    def _changed(self) -> bool:
+        return not self._cache or self._cache[0].shape != _structure(self.model)
+
+    def _convert(self, module: nn.Module, prefix: str, backend: str, train_all: bool) -> None:
         try:
-            gm = trace(module)
+            if "forward" in module.__dict__:
+                raise TypeError("an instance-level forward is set on the module (the class's forward is not what runs)")
+            gm = trace(module, train_all)
         except Exception as e:  # untraceable: convert the children that trace, leave this level exact
             self._report.exact.append(
                 (
@@ -186,7 +225,7 @@ class approximate:
             )
             for name, child in module.named_children():
                 if any(isinstance(m, torch.nn.BatchNorm2d) for m in child.modules()):
-                    self._convert(child, f"{prefix}{name}.", backend)
+                    self._convert(child, f"{prefix}{name}.", backend, train_all)
             return
         plan = make_plan(gm, self.config, backend, prefix)
         rep = self._report
@@ -199,7 +238,13 @@ class approximate:
             self._rewritten.append((prefix, rw))
             if rw.ring_plan is not None:
                 rep.ring_kept_out += [(name, why) for name, why in rw.ring_plan.kept_out]
-            self._swap(module, rw)
+            fwd = _Forward(self, module, rw, module.__dict__.get("forward"))
+            fwd.shape = _structure(module, all_training=train_all)
+            fwd.modules = [
+                (tuple(n.split(".")) if n else (), m, m.training or train_all, has_hooks(m))
+                for n, m in module.named_modules(remove_duplicate=False)
+            ]
+            self._swapped.append((module, fwd))
         elif not prefix:
             rep.exact.append((type(module).__name__, "no BatchNorm2d unit found: the whole model runs exactly"))
         # modules kept as calls because they have hooks: convert their insides separately
@@ -215,13 +260,13 @@ class approximate:
                                 "converted inside; its output is not coded",
                             )
                         )
-                        self._convert(sub, f"{prefix}{node.target}.", backend)
+                        self._convert(sub, f"{prefix}{node.target}.", backend, train_all)
 
-    def _swap(self, module: nn.Module, rw: Rewritten) -> None:
+    def _swap(self, module: nn.Module, fwd: _Forward) -> None:
         had = "forward" in module.__dict__
-        prev = module.__dict__.get("forward")
-        module.forward = _Forward(module, rw.gm, module.forward, prev)
-        self._swapped.append((module, had, prev))
+        fwd.active = True
+        module.forward = fwd
+        self._swapped.append((module, had, fwd.prev))
 
     def _restore(self) -> None:
         while self._swapped:
@@ -234,19 +279,116 @@ class approximate:
                 module.__dict__.pop("forward", None)
 
 
+@dataclass
+class _Conversion:
+    """One conversion of the model: the structure it was made for, its report and the forwards it swaps in."""
+
+    shape: list
+    report: ApproxReport
+    forwards: list  # (module, _Forward)
+
+
+_CACHED = 4  # conversions kept per context (a submodule switched between eval and train flips between two)
+_TRACING = threading.Lock()  # torch.fx tracing patches global state: one trace at a time (threads, two contexts)
+_CONTEXTS: weakref.WeakSet = weakref.WeakSet()
+_STEP_HOOK = None
+
+
+def _watch_optimizer_steps(ctx: approximate) -> None:
+    """Decide the residual joins again after every optimizer step: gamma changes there, and a model compiled
+    inside the context does not run the eager check of :class:`_Forward` (torch.compile guards on the decision and
+    recompiles when it changes)."""
+    global _STEP_HOOK
+    _CONTEXTS.add(ctx)
+    if _STEP_HOOK is None:
+        _STEP_HOOK = _optimizer.register_optimizer_step_post_hook(_after_step)
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    if torch.compiler.is_compiling():
+        return
+    for ctx in list(_CONTEXTS):
+        for _, rw in ctx._rewritten:
+            decide_joins(rw.specs)
+
+
+_PRIMITIVE = (bool, int, float, str, type(None), tuple)
+_ATTR_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (len(__dict__), getter)
+
+
+def _attributes(m: nn.Module) -> tuple:
+    """``m``'s plain Python attributes (numbers, strings, tuples: what a traced forward may have baked in)."""
+    d = m.__dict__
+    n = len(d) - ("forward" in d)  # an instance forward (the converted one, too) is compared on its own
+    got = _ATTR_KEYS.get(m)
+    if got is not None and got[0] == n:
+        try:
+            return (n, got[1](d))
+        except KeyError:  # same number of attributes, other names
+            pass
+    names = [k for k, v in d.items() if type(v) in _PRIMITIVE and k != "training"]
+    getter = operator.itemgetter(*names, "training")  # always a tuple ("training" is always there)
+    _ATTR_KEYS[m] = (n, getter)
+    return (n, getter(d))
+
+
+def _structure(model: nn.Module, all_training: bool = False) -> list:
+    """What a traced graph of ``model`` depends on: its modules (names, identities, modes), their hooks, parameters,
+    buffers, instance-level forwards and plain Python attributes. A conversion is valid while this is unchanged."""
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        d = m.__dict__
+        fwd = d.get("forward")
+        attrs = _attributes(m)
+        if all_training:
+            attrs = (attrs[0], attrs[1][:-1] + (True,))
+        out.append(
+            (
+                name,
+                id(m),
+                attrs,
+                tuple(m._forward_pre_hooks),
+                tuple(m._forward_hooks),
+                tuple(m._backward_pre_hooks),
+                tuple(m._backward_hooks),
+                None if fwd is None or isinstance(fwd, _Forward) else id(fwd),
+                tuple(map(id, m._parameters.values())),
+                tuple(map(id, m._buffers.values())),
+            )
+        )
+    return out
+
+
 class _Forward:
     """The forward of a converted module while the context is open: the rewritten graph in training with autograd
     on, the module's own forward otherwise. A copy (``copy.deepcopy``: EMA / SWA models, Lightning, timm) or a
     pickle (``torch.save(model)``) of the module made inside the context gets the module's own forward, not this
     one: the copy is an ordinary, exact model with its own parameters."""
 
-    def __init__(self, module: nn.Module, gm, original, prev):
-        self.module, self.gm, self.__wrapped__, self.prev = module, gm, original, prev
+    def __init__(self, owner: approximate, module: nn.Module, rw: Rewritten, prev):
+        self.owner, self.module, self.gm, self.prev = owner, module, rw.gm, prev
+        self.__wrapped__ = prev if prev is not None else types.MethodType(type(module).forward, module)
+        self.specs = rw.specs
+        self.shape: list = []  # _structure(module) when it was converted
+        self.modules: list = []  # (path, submodule, training, has hooks) then: what a compiled graph checks
         self.active = True  # False once the context has exited (a reference kept past it runs the module's own)
 
     def __call__(self, *args, **kwargs):
         if not self.active or not self.module.training or not torch.is_grad_enabled():
             return self.__wrapped__(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: these reads become the compiled graph's guards, so a module replaced,
+            # hooked or switched to eval makes it recompile, and the retrace converts the model again
+            for path, m, training, hooked in self.modules:
+                cur = _get(self.module, path)
+                if cur is not m or cur.training != training or has_hooks(cur) != hooked:
+                    _rebuild(self.owner)
+                    return self.module.forward(*args, **kwargs)
+        else:
+            if _structure(self.module) != self.shape:  # changed since conversion: convert it as it is now
+                self.owner._build()
+                return self.module.forward(*args, **kwargs)
+            decide_joins(self.specs)
         return self.gm(*args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -263,6 +405,17 @@ class _Forward:
         if self.prev is not None:
             return (_identity, (self.prev,))
         return (getattr, (self.module, "forward"))  # at load time: the class's forward, bound
+
+
+@torch.compiler.disable
+def _rebuild(owner: approximate) -> None:
+    owner._build()
+
+
+def _get(module: nn.Module, path: tuple) -> nn.Module:
+    for p in path:
+        module = getattr(module, p)
+    return module
 
 
 def _identity(x):

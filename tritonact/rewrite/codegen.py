@@ -32,6 +32,10 @@ class Rewritten:
     ring_plan: RingPlan | None
     ring: Ring | None
 
+    @property
+    def specs(self) -> list:
+        return [spec for spec, _, _ in self.plan.units.values()]
+
 
 def _reads(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []

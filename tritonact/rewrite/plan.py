@@ -17,8 +17,10 @@ from torch import fx, nn
 
 from tritonact.config import ApproxConfig
 
-# A residual join whose BN has |gamma| below this at entry stores the BN value as a second code instead of
-# recovering it from the sum's code (the recovery divides by gamma; zero_init_residual starts at exactly 0).
+# A residual join whose BN has a |gamma| below this stores the BN value as a second code instead of recovering it
+# from the sum's code (the recovery divides by gamma; zero_init_residual starts at exactly 0, weight decay shrinks
+# gamma during training). Decided again from the current gamma before every training forward
+# (:func:`decide_joins`), so a gamma that decays after entry switches its join to the second code.
 JOIN_MIN_GAMMA = 0.05
 
 
@@ -81,10 +83,22 @@ class UnitSpec:
     act: str  # "relu" | "relu6" | "none"
     has_residual: bool
     backend: str = "torch"  # the backend it was converted for (tritonact.backends)
-    store_xh: bool = False  # residual join whose BN value is stored as a second code (gamma ~ 0 at entry)
+    store_xh: bool = False  # residual join whose BN value is stored as a second code (some |gamma| ~ 0 now)
     covers: tuple[str, ...] = ()
     last_code_bytes: int = field(default=0, repr=False)  # of the last eager training forward
     last_full_bytes: int = field(default=0, repr=False)
+
+
+def decide_joins(specs: list) -> None:
+    """Set ``store_xh`` of every residual-join unit in ``specs`` from its BN's current gamma: one small reduction per
+    join and one host read for all of them."""
+    joins = [s for s in specs if s.has_residual and s.bn.weight is not None]
+    if not joins:
+        return
+    with torch.no_grad():
+        small = torch.stack([s.bn.weight.abs().amin() for s in joins]) < JOIN_MIN_GAMMA
+    for s, flag in zip(joins, small.tolist()):
+        s.store_xh = flag
 
 
 def conv_eligible(conv: nn.Module) -> str | None:
@@ -165,16 +179,12 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                     residual = other
             if final is not node:
                 plan.absorbed.add(node)
-            store_xh = (
-                residual is not None and m.weight is not None and bool((m.weight.detach().abs() < JOIN_MIN_GAMMA).any())
-            )
             spec = UnitSpec(
                 name=name,
                 bn=m,
                 act=act,
                 has_residual=residual is not None,
                 backend=backend,
-                store_xh=store_xh,
                 covers=tuple(covers),
             )
             plan.units[final] = (spec, node.args[0], residual)
@@ -202,6 +212,7 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                     coded.add(node)
             elif src_coded:
                 plan.exact.append((name, why + "; saves its full-precision input"))
+    decide_joins([spec for spec, _, _ in plan.units.values()])
     return plan
 
 
@@ -211,11 +222,13 @@ def _describe(node: fx.Node, prefix: str) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Trace ``module`` in training mode (restoring every submodule's mode after)."""
+def trace(module: nn.Module, train_all: bool = True) -> fx.GraphModule:
+    """Trace ``module`` as it runs in training: every submodule in training mode (``train_all``; the modes are
+    restored after), or each in the mode it has now."""
     modes = {m: m.training for m in module.modules()}
     try:
-        module.train()
+        if train_all:
+            module.train()
         tracer = _Tracer()
         graph = tracer.trace(module)
         return fx.GraphModule(tracer.root, graph)
