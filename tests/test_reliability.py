@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import tritonact
 
@@ -221,3 +222,91 @@ def test_entered_in_eval_mode_trains_as_the_model_trains():
     torch.manual_seed(3)
     out_e, ge = grads(exact, x, y)
     torch.testing.assert_close(out_a, out_e, rtol=1e-5, atol=1e-6)
+
+
+class _Checkpointed(nn.Module):
+    """torch.utils.checkpoint inside the model, in both spellings."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = resnet18()
+
+    def forward(self, x):
+        r = self.r
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = torch.utils.checkpoint.checkpoint(r.layer1, x, use_reentrant=False)
+        x = checkpoint(r.layer2, x, use_reentrant=False)
+        x = r.layer4(r.layer3(x))
+        return r.fc(torch.flatten(r.avgpool(x), 1))
+
+
+def test_checkpoint_inside_the_model_stays_a_checkpoint():
+    """Before: traced through; nothing recomputed, the region's BN statistics updated once where PyTorch updates
+    them twice (forward + recomputation), and nothing reported."""
+    model = _Checkpointed()
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    with tritonact.approximate(model, bits=4) as ctx:
+        out_a, ga = grads(model, x, y)
+        exact_parts = dict(ctx.report().exact)
+    out_e, ge = grads(exact, x, y)
+    assert "recomputed in backward" in exact_parts["r.layer1"] and "r.layer2" in exact_parts
+    assert not any(u.name.startswith(("r.layer1.", "r.layer2.")) for u in ctx.report().units)
+    assert_close_to_exact(ga, ge, out_a, out_e)
+    for a, b in zip(model.buffers(), exact.buffers()):  # num_batches_tracked 2 in both, running stats alike
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert model.r.layer1[0].bn1.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_around_the_whole_converted_model(reentrant):
+    """Before: ``KeyError: 'x'``. The recomputation runs the converted model again; statistics as in PyTorch."""
+    model = resnet18()
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    x.requires_grad_(reentrant)  # the reentrant variant needs an input that requires grad (as in PyTorch)
+
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        out = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=reentrant)
+        F.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    with tritonact.approximate(model, bits=4):
+        out_a, ga = run(model)
+    out_e, ge = run(exact)
+    assert_close_to_exact(ga, ge, out_a, out_e)
+    for a, b in zip(model.buffers(), exact.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_two_models_in_two_threads():
+    """Before: ``AssertionError: CURRENT_PATCHER is None`` / ``NameError: module is not installed as a submodule``
+    (torch.fx patches nn.Module for every thread while it traces). Conversions are serialized and the converted
+    forwards kept out of them; both threads' gradients equal a single-threaded run."""
+    import threading
+
+    results, errors = {}, []
+    models = [resnet18(seed=i) for i in range(2)]  # before the threads: the global RNG is shared
+    alone_model = copy.deepcopy(models[0])
+
+    def work(i, out, model):
+        try:
+            x, y = batch(seed=i)
+            for _ in range(4):
+                with tritonact.approximate(model, bits=4):
+                    _, g = grads(model, x, y)
+            out[i] = g
+        except Exception as e:  # pragma: no cover - the failure is what the test reports
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, results, models[i])) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    alone = {}
+    work(0, alone, alone_model)
+    for n, g in alone[0].items():
+        torch.testing.assert_close(results[0][n], g, rtol=1e-5, atol=1e-7)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import operator
 import sys
-import threading
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from tritonact.config import ApproxConfig
 from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
 from tritonact.rewrite.calls import backend_name
 from tritonact.rewrite.plan import decide_joins
+from tritonact.rewrite.state import TRACING, get_path, structure
 
 __all__ = ["approximate", "ApproxReport"]
 
@@ -187,14 +186,14 @@ class approximate:
     def _build(self, train_all: bool = False) -> None:
         """Convert the model as it is now, or put back an earlier conversion of exactly this structure."""
         self._restore()
-        shape = _structure(self.model, all_training=train_all)
+        shape = structure(self.model, all_training=train_all)
         for conv in self._cache:
             if conv.shape == shape:
                 break
         else:
             self._report = ApproxReport(bits=self.config.bits)
             self._rewritten = self._report.rewritten
-            with _TRACING:
+            with TRACING.exclusive():
                 self._convert(self.model, "", self._backend, train_all)
             conv = _Conversion(shape, self._report, self._swapped[:])
             self._swapped.clear()
@@ -209,7 +208,7 @@ class approximate:
             self._swap(module, fwd)
 
     def _changed(self) -> bool:
-        return not self._cache or self._cache[0].shape != _structure(self.model)
+        return not self._cache or self._cache[0].shape != structure(self.model)
 
     def _convert(self, module: nn.Module, prefix: str, backend: str, train_all: bool) -> None:
         try:
@@ -239,7 +238,7 @@ class approximate:
             if rw.ring_plan is not None:
                 rep.ring_kept_out += [(name, why) for name, why in rw.ring_plan.kept_out]
             fwd = _Forward(self, module, rw, module.__dict__.get("forward"))
-            fwd.shape = _structure(module, all_training=train_all)
+            fwd.shape = structure(module, all_training=train_all)
             fwd.modules = [
                 (tuple(n.split(".")) if n else (), m, m.training or train_all, has_hooks(m))
                 for n, m in module.named_modules(remove_duplicate=False)
@@ -289,7 +288,6 @@ class _Conversion:
 
 
 _CACHED = 4  # conversions kept per context (a submodule switched between eval and train flips between two)
-_TRACING = threading.Lock()  # torch.fx tracing patches global state: one trace at a time (threads, two contexts)
 _CONTEXTS: weakref.WeakSet = weakref.WeakSet()
 _STEP_HOOK = None
 
@@ -312,54 +310,8 @@ def _after_step(optimizer, args, kwargs) -> None:
             decide_joins(rw.specs)
 
 
-_PRIMITIVE = (bool, int, float, str, type(None), tuple)
-_ATTR_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (len(__dict__), getter)
-
-
-def _attributes(m: nn.Module) -> tuple:
-    """``m``'s plain Python attributes (numbers, strings, tuples: what a traced forward may have baked in)."""
-    d = m.__dict__
-    n = len(d) - ("forward" in d)  # an instance forward (the converted one, too) is compared on its own
-    got = _ATTR_KEYS.get(m)
-    if got is not None and got[0] == n:
-        try:
-            return (n, got[1](d))
-        except KeyError:  # same number of attributes, other names
-            pass
-    names = [k for k, v in d.items() if type(v) in _PRIMITIVE and k != "training"]
-    getter = operator.itemgetter(*names, "training")  # always a tuple ("training" is always there)
-    _ATTR_KEYS[m] = (n, getter)
-    return (n, getter(d))
-
-
-def _structure(model: nn.Module, all_training: bool = False) -> list:
-    """What a traced graph of ``model`` depends on: its modules (names, identities, modes), their hooks, parameters,
-    buffers, instance-level forwards and plain Python attributes. A conversion is valid while this is unchanged."""
-    out = []
-    for name, m in model.named_modules(remove_duplicate=False):
-        d = m.__dict__
-        fwd = d.get("forward")
-        attrs = _attributes(m)
-        if all_training:
-            attrs = (attrs[0], attrs[1][:-1] + (True,))
-        out.append(
-            (
-                name,
-                id(m),
-                attrs,
-                tuple(m._forward_pre_hooks),
-                tuple(m._forward_hooks),
-                tuple(m._backward_pre_hooks),
-                tuple(m._backward_hooks),
-                None if fwd is None or isinstance(fwd, _Forward) else id(fwd),
-                tuple(map(id, m._parameters.values())),
-                tuple(map(id, m._buffers.values())),
-            )
-        )
-    return out
-
-
 class _Forward:
+    _tritonact_forward = True  # rewrite.state.structure: not a user's instance forward
     """The forward of a converted module while the context is open: the rewritten graph in training with autograd
     on, the module's own forward otherwise. A copy (``copy.deepcopy``: EMA / SWA models, Lightning, timm) or a
     pickle (``torch.save(model)``) of the module made inside the context gets the module's own forward, not this
@@ -369,27 +321,32 @@ class _Forward:
         self.owner, self.module, self.gm, self.prev = owner, module, rw.gm, prev
         self.__wrapped__ = prev if prev is not None else types.MethodType(type(module).forward, module)
         self.specs = rw.specs
-        self.shape: list = []  # _structure(module) when it was converted
+        self.shape: list = []  # structure(module) when it was converted
         self.modules: list = []  # (path, submodule, training, has hooks) then: what a compiled graph checks
         self.active = True  # False once the context has exited (a reference kept past it runs the module's own)
 
     def __call__(self, *args, **kwargs):
-        if not self.active or not self.module.training or not torch.is_grad_enabled():
-            return self.__wrapped__(*args, **kwargs)
         if torch.compiler.is_compiling():
+            if not self.active or not self.module.training or not torch.is_grad_enabled():
+                return self.__wrapped__(*args, **kwargs)
             # traced by torch.compile: these reads become the compiled graph's guards, so a module replaced,
             # hooked or switched to eval makes it recompile, and the retrace converts the model again
             for path, m, training, hooked in self.modules:
-                cur = _get(self.module, path)
+                cur = get_path(self.module, path)
                 if cur is not m or cur.training != training or has_hooks(cur) != hooked:
                     _rebuild(self.owner)
                     return self.module.forward(*args, **kwargs)
-        else:
-            if _structure(self.module) != self.shape:  # changed since conversion: convert it as it is now
+            return self.gm(*args, **kwargs)
+        if self.active and self.module.training and torch.is_grad_enabled():
+            if structure(self.module) != self.shape:  # changed since conversion: convert it as it is now
                 self.owner._build()
                 return self.module.forward(*args, **kwargs)
             decide_joins(self.specs)
-        return self.gm(*args, **kwargs)
+            run = self.gm
+        else:
+            run = self.__wrapped__
+        with TRACING.shared():  # no other thread's torch.fx trace (a conversion) sees these module calls
+            return run(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         import copy
@@ -410,12 +367,6 @@ class _Forward:
 @torch.compiler.disable
 def _rebuild(owner: approximate) -> None:
     owner._build()
-
-
-def _get(module: nn.Module, path: tuple) -> nn.Module:
-    for p in path:
-        module = getattr(module, p)
-    return module
 
 
 def _identity(x):

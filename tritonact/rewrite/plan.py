@@ -8,11 +8,13 @@ convolutions and max-pools that read a unit's output consume its code.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import fx, nn
 
 from tritonact.config import ApproxConfig
@@ -30,7 +32,16 @@ def has_hooks(m: nn.Module) -> bool:
     )
 
 
+CHECKPOINTS = (torch.utils.checkpoint.checkpoint, torch.utils.checkpoint.checkpoint_sequential)
+
+
 class _Tracer(fx.Tracer):
+    """Modules with user hooks stay calls (their hooks fire); so do ``torch.utils.checkpoint`` calls: the region
+    is recomputed in backward as the user asked, exactly, with BN statistics updated as PyTorch does."""
+
+    def __init__(self):
+        super().__init__(autowrap_modules=(math, torch.utils.checkpoint))
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return super().is_leaf_module(m, qualname) or (has_hooks(m) and qualname != "")
 
@@ -143,6 +154,10 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
     coded: set[fx.Node] = set()
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in CHECKPOINTS:
+            fn = node.args[0] if node.args else None
+            what = prefix + fn.target if isinstance(fn, fx.Node) and fn.op == "get_attr" else f"{prefix}{node.name}"
+            plan.exact.append((what, f"inside {node.target.__name__}: recomputed in backward, runs exactly"))
         if node.op != "call_module":
             continue
         m = modules[node.target]
