@@ -1,7 +1,9 @@
 """Reliability: what a user can do to a model inside the context, and what the gradients are then
 (docs/reliability.md lists every case and the test that covers it)."""
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -310,3 +312,44 @@ def test_two_models_in_two_threads():
     work(0, alone, alone_model)
     for n, g in alone[0].items():
         torch.testing.assert_close(results[0][n], g, rtol=1e-5, atol=1e-7)
+
+
+class _Wrapper(nn.Module):
+    """A LightningModule-like wrapper: its training_step calls the inner network, never its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = resnet18()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_a_step_that_ran_no_unit_warns_once():
+    """Before: 0 code bytes, an empty report, no warning."""
+    wrapper = _Wrapper()
+    opt = torch.optim.SGD(wrapper.parameters(), lr=0.01)
+    x, y = batch()
+    with tritonact.approximate(wrapper, bits=4) as ctx:
+        for _ in range(2):
+            wrapper.training_step(x, y).backward()
+            with pytest.warns(tritonact.NoUnitRan, match="calls a submodule directly") if _ == 0 else _no_warning():
+                opt.step()
+        assert ctx.report().code_bytes == 0
+    with tritonact.approximate(wrapper.net, bits=4) as ctx, _no_warning():  # entered where training runs
+        wrapper.training_step(x, y).backward()
+        opt.step()
+        assert ctx.report().code_bytes > 0
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)  # an optimizer of another model: not ours
+    with tritonact.approximate(resnet18(), bits=4), _no_warning():
+        other.step()
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tritonact.NoUnitRan)
+        yield

@@ -1,6 +1,6 @@
 """tritonact: train CNNs with an exact forward pass and k-bit activations for the backward pass."""
 
-from tritonact.approx import ApproxReport, approximate
+from tritonact.approx import ApproxReport, NoUnitRan, approximate
 from tritonact.config import ApproxConfig
 from tritonact.memory import SavedTensorCounter, activation_bytes_per_sample, peak_memory
 from tritonact.quant import PackedTensor, dequantize, quantize
@@ -12,6 +12,7 @@ __all__ = [
     "approximate",
     "ApproxConfig",
     "ApproxReport",
+    "NoUnitRan",
     # quantizer
     "PackedTensor",
     "quantize",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from tritonact.rewrite.calls import backend_name
 from tritonact.rewrite.plan import decide_joins
 from tritonact.rewrite.state import TRACING, get_path, structure
 
-__all__ = ["approximate", "ApproxReport"]
+__all__ = ["approximate", "ApproxReport", "NoUnitRan"]
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -142,6 +143,7 @@ class approximate:
         self._report: ApproxReport | None = None
         self._cache: list[_Conversion] = []  # newest first
         self._backend = "torch"
+        self._ran = self._warned = False  # a converted forward ran in training; NoUnitRan was given
 
     # -- context protocol --------------------------------------------------------------------------------
     def __enter__(self) -> approximate:
@@ -155,6 +157,7 @@ class approximate:
             )
         self._backend = backend_name(self.config, _model_device(model))
         self._cache.clear()
+        self._ran = self._warned = False
         try:
             # entered in eval mode: convert the model as it will train (every submodule in training mode)
             self._build(train_all=not model.training)
@@ -308,6 +311,30 @@ def _after_step(optimizer, args, kwargs) -> None:
     for ctx in list(_CONTEXTS):
         for _, rw in ctx._rewritten:
             decide_joins(rw.specs)
+        if not ctx._ran and not ctx._warned and _steps_model(optimizer, ctx.model):
+            ctx._warned = True
+            name = type(ctx.model).__name__
+            why = (
+                "no converted forward ran since entering"
+                if ctx._rewritten
+                else "it has no BatchNorm2d unit (see ctx.report())"
+            )
+            warnings.warn(
+                f"tritonact: an optimizer step updated {name}'s parameters, but approximate({name}) stored no code: "
+                f"{why}. If training calls a submodule directly (a LightningModule's training_step calling "
+                "self.net), enter the context on that module; this step's gradients were computed exactly.",
+                NoUnitRan,
+                stacklevel=3,
+            )
+
+
+class NoUnitRan(UserWarning):
+    """An optimizer step ran on a model inside ``approximate`` whose converted forward never ran."""
+
+
+def _steps_model(optimizer, model: nn.Module) -> bool:
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return any(id(p) in params for p in model.parameters())
 
 
 class _Forward:
@@ -336,12 +363,14 @@ class _Forward:
                 if cur is not m or cur.training != training or has_hooks(cur) != hooked:
                     _rebuild(self.owner)
                     return self.module.forward(*args, **kwargs)
+            self.owner._ran = True
             return self.gm(*args, **kwargs)
         if self.active and self.module.training and torch.is_grad_enabled():
             if structure(self.module) != self.shape:  # changed since conversion: convert it as it is now
                 self.owner._build()
                 return self.module.forward(*args, **kwargs)
             decide_joins(self.specs)
+            self.owner._ran = True
             run = self.gm
         else:
             run = self.__wrapped__
