@@ -353,3 +353,23 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", tritonact.NoUnitRan)
         yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_float64_and_half_models_train(dtype, compile=False):
+    """Models converted with ``.to(dtype)`` (not autocast). Before: ``expected scalar type Double (Half) but found
+    Float`` deep in the op. The forward is the model's own in that dtype; gradients within the 4-bit bound.
+    (The compiled CPU path passes too, with compile=True; it compiles its graphs once per dtype, ~1.5 min each on
+    2 cores, so the suite runs the eager path.)"""
+    model = resnet18().to(dtype)
+    exact = copy.deepcopy(model)
+    x, y = batch()
+    x = x.to(dtype)
+    with tritonact.approximate(model, bits=4, compile=compile):
+        out_a, ga = grads(model, x, y)
+    out_e, ge = grads(exact, x, y)
+    assert out_a.dtype == dtype and all(g.dtype == dtype for g in ga.values())
+    tol = {torch.float64: 1e-12, torch.bfloat16: 0.0, torch.float16: 0.0}[dtype]  # half: the very same ops
+    torch.testing.assert_close(out_a, out_e, rtol=tol, atol=tol)
+    for n, g in ge.items():
+        assert rel(ga[n].double(), g.double()) < (CONV if g.dim() == 4 else ANY_PARAM), n

@@ -174,17 +174,19 @@ class TorchBackend(Backend):
             out = torch.empty_like(y, dtype=out_dtype)
         if out_dtype == y.dtype:
             C = y.shape[1]
-            mean = torch.empty(C, dtype=torch.float32, device=y.device)
+            mean = torch.empty(C, dtype=gamma.dtype, device=y.device)  # float32, or a float64/16 model's own
             invstd = torch.empty_like(mean)
             torch.ops.aten.native_batch_norm.out(
                 y, gamma, beta, new_rm, new_rv, True, eaf, eps, out=out, save_mean=mean, save_invstd=invstd
             )
+            mean, invstd = mean.float(), invstd.float()
             if residual is not None:
                 out.add_(residual)  # the model's own add, same rounding
         else:
             z, mean, invstd = torch.native_batch_norm(y, gamma, beta, new_rm, new_rv, True, eaf, eps)
             torch.add(z, residual, out=out)
             del z
+            mean, invstd = mean.float(), invstd.float()
         data, P, xdata, xP = self._codes(y, mean, invstd, gamma, beta, residual, out, bits, act, window, pf, store_xh)
         ref.activate_(out, act)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv

@@ -67,8 +67,9 @@ class Unit(nn.Module):
             y = y.contiguous()
         perm = list(memory_order(y))
         C = y.shape[1]
-        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=y.device)
-        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=y.device)
+        pdt = bn.running_mean.dtype if bn.running_mean is not None else torch.promote_types(y.dtype, torch.float32)
+        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=y.device, dtype=pdt)
+        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=y.device, dtype=pdt)
         rm = rv = nbt = None
         if bn.track_running_stats:
             rm, rv = bn.running_mean, bn.running_var
