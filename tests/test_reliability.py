@@ -373,3 +373,44 @@ def test_float64_and_half_models_train(dtype, compile=False):
     torch.testing.assert_close(out_a, out_e, rtol=tol, atol=tol)
     for n, g in ge.items():
         assert rel(ga[n].double(), g.double()) < (CONV if g.dim() == 4 else ANY_PARAM), n
+
+
+def test_a_model_compiled_before_entering_recompiles_inside_and_after():
+    """torch.compile warmed up before the context: inside, the compiled model runs the converted graph (dynamo's
+    guard on the swapped forward recompiles; same gradients as the uncompiled converted model), after the exit
+    the exact one again."""
+    model = resnet18()
+    plain = copy.deepcopy(model)
+    x, y = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    out_e, ge = grads(compiled, x, y)  # exact, compiled: warmed before entering
+    state = copy.deepcopy(model.state_dict())
+    with tritonact.approximate(model, bits=4):
+        out_c, gc = grads(compiled, x, y)
+    assert max(rel(gc[n], g) for n, g in ge.items()) > 1e-2  # not the exact graph compiled before entering
+    with tritonact.approximate(plain, bits=4):
+        plain.load_state_dict(state)
+        out_p, gp = grads(plain, x, y)
+    for n, g in gp.items():
+        assert rel(gc[n], g) < 1e-5, n  # the very same codes
+    model.load_state_dict(state)
+    out_after, g_after = grads(compiled, x, y)
+    plain_exact = copy.deepcopy(plain)
+    plain_exact.load_state_dict(state)
+    out_x, gx = grads(plain_exact, x, y)
+    for n, g in gx.items():
+        assert rel(g_after[n], g) < 1e-5, n  # exact again
+
+
+def test_the_same_context_object_entered_again_starts_fresh():
+    """Before: the second entry doubled the report's units and ring slots."""
+    model = resnet18()
+    x, y = batch()
+    ctx = tritonact.approximate(model, bits=4)
+    with ctx:
+        grads(model, x, y)
+        first = (len(ctx.report().units), ctx.report().ring_slots, len(ctx.report().graph_modules))
+    with ctx:
+        grads(model, x, y)
+        assert (len(ctx.report().units), ctx.report().ring_slots, len(ctx.report().graph_modules)) == first
