@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import tritonact
+import tritonact.ring as ring_mod
 from tritonact.ring import Ring
 
 
@@ -94,17 +95,53 @@ def test_outputs_that_escape_are_kept_out_and_reported():
     torch.testing.assert_close(b, b2, rtol=1e-6, atol=1e-6)
 
 
-def test_reusing_a_saved_slot_fails_loudly():
-    """The guard behind the scheduler's rules: a tensor saved from a slot that is then rewritten is caught by
-    autograd's version counter instead of being read stale."""
+@pytest.mark.parametrize("held_by", ["python", "autograd"])
+def test_reusing_a_referenced_slot_fails_loudly(held_by):
+    """Fault injection below the scheduler's rules: a slot handed out again while the tensor it held is still
+    referenced (by user code, or saved by autograd) raises at once instead of being overwritten."""
     ring = Ring(1)
     w = torch.ones(4, requires_grad=True)
     a = ring.take(0, (4,), (0,), torch.float32, torch.device("cpu"))
     a.copy_(torch.arange(4.0))
     y = (a * w).sum()  # mul saves `a` for the gradient of w
-    ring.take(0, (4,), (0,), torch.float32, torch.device("cpu")).fill_(7.0)  # the slot is reused
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.backward()
+    if held_by == "autograd":
+        a = None  # only the saved tensor of the mul holds the slot now
+    with pytest.raises(RuntimeError, match="ring slot 0 is handed out again"):
+        ring.take(0, (4,), (0,), torch.float32, torch.device("cpu"))
+    y.backward()
+    assert torch.equal(w.grad, torch.arange(4.0))  # nothing was overwritten
+    del y, a
+    ring.take(0, (4,), (0,), torch.float32, torch.device("cpu"))  # free again once nothing refers to it
+
+
+def test_a_scheduler_that_puts_an_escaping_output_in_the_ring_is_caught(monkeypatch):
+    """Fault injection into the scheduler: every reader declared safe, so a unit output that the model returns
+    gets a slot; the next forward, while the caller still holds that output, raises instead of overwriting it."""
+
+    class Feats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.conv2, self.bn2 = (
+                nn.Conv2d(3, 8, 3),
+                nn.BatchNorm2d(8),
+                nn.Conv2d(8, 8, 1),
+                nn.BatchNorm2d(8),
+            )
+
+        def forward(self, x):
+            f = torch.relu(self.bn(self.conv(x)))
+            return f, torch.relu(self.bn2(self.conv2(f)))
+
+    monkeypatch.setattr(ring_mod, "_reader_is_safe", lambda *a: None)
+    model = Feats()
+    x = torch.randn(2, 3, 8, 8)
+    with tritonact.approximate(model, bits=4, ring=True) as ctx:
+        assert ctx.report().ring_slots >= 1 and not ctx.report().ring_kept_out
+        first, _ = model(x)
+        with pytest.raises(RuntimeError, match="handed out again"):
+            model(x)
+        kept = first.clone()
+    torch.testing.assert_close(first, kept)
 
 
 def test_buffers_allocated_on_use_grown_and_released():

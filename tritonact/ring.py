@@ -29,12 +29,21 @@ _SAFE_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.cat, operator.add, tor
 _SAFE_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
+def _users(buf: torch.Tensor) -> int:
+    """How many tensors share ``buf``'s storage (views, autograd's saved copies, aliases)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)  # private; present in torch 2.1-2.14
+    if count is None:  # pragma: no cover - a torch without it: the check is skipped
+        return 0
+    return count(buf.untyped_storage()._cdata)
+
+
 class Ring:
     """Per (device, dtype) slot buffers, grown on demand; slot ``-1`` is the backward pass's scratch buffer."""
 
     def __init__(self, nslots: int):
         self.nslots = nslots
         self._bufs: dict = {}
+        self._alone: dict = {}  # key -> _users(buffer) with no tensor handed out from it alive
 
     def take(self, slot: int, shape, perm, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A dense tensor of ``shape`` laid out in memory order ``perm``, backed by ``slot``'s buffer."""
@@ -47,6 +56,12 @@ class Ring:
             # grow: a tensor still living in the old buffer keeps it alive until it dies
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._bufs[key] = buf
+            self._alone[key] = _users(buf)
+        elif _users(buf) > self._alone[key]:  # the schedule's rules broken: never overwrite silently
+            raise RuntimeError(
+                f"tritonact: ring slot {slot} is handed out again while a tensor in it is still referenced "
+                "(its contents would change under it); run with ApproxConfig(ring=False) and report the model"
+            )
         return buf[:numel].view([shape[d] for d in perm]).permute(_inverse(perm))
 
     def like(self, slot: int, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -58,6 +73,7 @@ class Ring:
 
     def release(self) -> None:
         self._bufs.clear()
+        self._alone.clear()
 
 
 @dataclass
