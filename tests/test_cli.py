@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tritonact import autotune, cli
+from tritonact import autotune, cli, demo
 from tritonact.demo import MODES
 
 RUN_KEYS = (
@@ -98,6 +98,17 @@ def test_bad_arguments_name_the_value(argv, words, capsys):
         cli.main(argv)
     assert e.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_demo_checks_its_output_folder_before_training(tmp_path, capsys, monkeypatch):
+    """Before: trained to the end, then failed with a traceback and lost the table."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(demo, "run_mode", lambda *a: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--quick", "--out", str(blocker / "sub")])
+    assert e.value.code == 2
+    assert f"--out {blocker / 'sub'}: cannot write there" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

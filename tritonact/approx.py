@@ -34,6 +34,7 @@ class ApproxReport:
     exact: list = field(default_factory=list)  # (what, why)
     ring_kept_out: list = field(default_factory=list)  # (unit, why its output is not in the ring)
     rewritten: list = field(default_factory=list, repr=False)  # (prefix, Rewritten)
+    ring_on: bool = False  # the ring is used at run time (ring=True, or the default on CUDA)
 
     @property
     def ring_slots(self) -> int:
@@ -61,9 +62,12 @@ class ApproxReport:
         return sum(u.last_full_bytes for u in self.units)
 
     def __str__(self) -> str:
+        def n(k, what):
+            return f"{k} {what}{'' if k == 1 else 's'}"
+
         lines = [
-            f"tritonact: {len(self.units)} fused units at {self.bits} bits, {len(self.coded_convs)} convs and "
-            f"{len(self.coded_pools)} max-pools consume codes"
+            f"tritonact: {n(len(self.units), 'fused unit')} at {self.bits} bits, {n(len(self.coded_convs), 'conv')} "
+            f"and {n(len(self.coded_pools), 'max-pool')} consume codes"
         ]
         if self.full_bytes:
             lines.append(
@@ -74,7 +78,10 @@ class ApproxReport:
         for u in self.units:
             join = " (2 codes)" if u.store_xh else ""
             lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
-        if any(r.ring_plan is not None for _, r in self.rewritten):
+        planned = any(r.ring_plan is not None for _, r in self.rewritten)
+        if planned and not self.ring_on:
+            lines.append(f"ring: off on CPU by default ({self.ring_slots} slots planned; ApproxConfig(ring=True))")
+        elif planned:
             lines.append(f"ring: {self.ring_slots} slots, {self.ring_bytes / 2**20:.2f} MiB held")
             for what, why in self.ring_kept_out:
                 lines.append(f"  kept out of the ring: {what}: {why}")
@@ -194,7 +201,9 @@ class approximate:
             if conv.shape == shape:
                 break
         else:
-            self._report = ApproxReport(bits=self.config.bits)
+            ring = self.config.ring
+            on = ring is True or (ring is None and _model_device(self.model).type == "cuda")
+            self._report = ApproxReport(bits=self.config.bits, ring_on=on)
             self._rewritten = self._report.rewritten
             with TRACING.exclusive():
                 self._convert(self.model, "", self._backend, train_all)

@@ -161,6 +161,13 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error(f"--data-dir {args.data_dir}: no such directory")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out}: exists and is not a directory")
+    try:  # before training, not after it: a folder that cannot be written would lose the results
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".tritonact-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot write there ({e.strerror or e})")
     if args.quick and args.epochs is not None:
         p.error(f"--quick sets the epochs; drop it or --epochs {args.epochs}")
 
