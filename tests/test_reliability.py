@@ -284,8 +284,8 @@ def test_checkpoint_around_the_whole_converted_model(reentrant):
 
 def test_two_models_in_two_threads():
     """Before: ``AssertionError: CURRENT_PATCHER is None`` / ``NameError: module is not installed as a submodule``
-    (torch.fx patches nn.Module for every thread while it traces). Conversions are serialized and the converted
-    forwards kept out of them; both threads' gradients equal a single-threaded run."""
+    (torch.fx patches nn.Module for every thread while it traces). Conversions are serialized, and a module that
+    another thread calls during one runs as usual; every thread's gradients equal a single-threaded run's."""
     import threading
 
     results, errors = {}, []
@@ -302,7 +302,20 @@ def test_two_models_in_two_threads():
         except Exception as e:  # pragma: no cover - the failure is what the test reports
             errors.append(e)
 
+    plain = resnet18(seed=2)  # a model outside any context, trained meanwhile by a third thread
+    plain_ref = copy.deepcopy(plain)
+
+    def work_plain():
+        try:
+            x, y = batch(seed=2)
+            for _ in range(4):
+                _, g = grads(plain, x, y)
+            results["plain"] = g
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
     threads = [threading.Thread(target=work, args=(i, results, models[i])) for i in range(2)]
+    threads.append(threading.Thread(target=work_plain))
     for t in threads:
         t.start()
     for t in threads:
@@ -312,6 +325,11 @@ def test_two_models_in_two_threads():
     work(0, alone, alone_model)
     for n, g in alone[0].items():
         torch.testing.assert_close(results[0][n], g, rtol=1e-5, atol=1e-7)
+    x, y = batch(seed=2)
+    for _ in range(4):
+        _, g_plain = grads(plain_ref, x, y)
+    for n, g in g_plain.items():
+        torch.testing.assert_close(results["plain"][n], g, rtol=1e-5, atol=1e-7)
 
 
 class _Wrapper(nn.Module):

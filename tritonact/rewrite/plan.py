@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +38,24 @@ CHECKPOINTS = (torch.utils.checkpoint.checkpoint, torch.utils.checkpoint.checkpo
 
 class _Tracer(fx.Tracer):
     """Modules with user hooks stay calls (their hooks fire); so do ``torch.utils.checkpoint`` calls: the region
-    is recomputed in backward as the user asked, exactly, with BN statistics updated as PyTorch does."""
+    is recomputed in backward as the user asked, exactly, with BN statistics updated as PyTorch does.
+
+    While it traces, torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for every thread; a module called
+    by another thread meanwhile runs as usual instead of being recorded into this graph."""
 
     def __init__(self):
         super().__init__(autowrap_modules=(math, torch.utils.checkpoint))
+        self._thread = threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return super().is_leaf_module(m, qualname) or (has_hooks(m) and qualname != "")
