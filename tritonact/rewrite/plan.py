@@ -8,7 +8,6 @@ convolutions and max-pools that read a unit's output consume its code.
 
 from __future__ import annotations
 
-import math
 import operator
 import threading
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ class _Tracer(fx.Tracer):
     by another thread meanwhile runs as usual instead of being recorded into this graph."""
 
     def __init__(self):
-        super().__init__(autowrap_modules=(math, torch.utils.checkpoint))
+        super().__init__()
         self._thread = threading.get_ident()
 
     def call_module(self, m, forward, args, kwargs):
