@@ -8,6 +8,7 @@ convolutions and max-pools that read a unit's output consume its code.
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class _Tracer(fx.Tracer):
     by another thread meanwhile runs as usual instead of being recorded into this graph."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(autowrap_modules=(math, torch.utils.checkpoint))
         self._thread = threading.get_ident()
 
     def call_module(self, m, forward, args, kwargs):
@@ -260,6 +261,10 @@ def trace(module: nn.Module, train_all: bool = True) -> fx.GraphModule:
             module.train()
         tracer = _Tracer()
         graph = tracer.trace(module)
+        for node in graph.nodes:
+            # an autowrapped call (torch.utils.checkpoint) would make fx's code generation register its qualified
+            # name for wrapping in every later trace, where that name cannot be found (KeyError)
+            node.meta.pop("is_wrapped", None)
         return fx.GraphModule(tracer.root, graph)
     finally:
         for m, t in modes.items():
