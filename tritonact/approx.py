@@ -16,7 +16,7 @@ from tritonact.config import ApproxConfig
 from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
 from tritonact.rewrite.calls import backend_name
 from tritonact.rewrite.plan import decide_joins
-from tritonact.rewrite.state import TRACING, get_path, structure
+from tritonact.rewrite.state import TRACING, structure
 
 __all__ = ["approximate", "ApproxReport", "NoUnitRan"]
 
@@ -252,8 +252,7 @@ class approximate:
             fwd = _Forward(self, module, rw, module.__dict__.get("forward"))
             fwd.shape = structure(module, all_training=train_all)
             fwd.modules = [
-                (tuple(n.split(".")) if n else (), m, m.training or train_all, has_hooks(m))
-                for n, m in module.named_modules(remove_duplicate=False)
+                (n, m, m.training or train_all, has_hooks(m)) for n, m in module.named_modules(remove_duplicate=False)
             ]
             self._swapped.append((module, fwd))
         elif not prefix:
@@ -358,7 +357,7 @@ class _Forward:
         self.__wrapped__ = prev if prev is not None else types.MethodType(type(module).forward, module)
         self.specs = rw.specs
         self.shape: list = []  # structure(module) when it was converted
-        self.modules: list = []  # (path, submodule, training, has hooks) then: what a compiled graph checks
+        self.modules: list = []  # (qualified name, submodule, training, has hooks): what a compiled graph checks
         self.active = True  # False once the context has exited (a reference kept past it runs the module's own)
 
     def __call__(self, *args, **kwargs):
@@ -368,7 +367,7 @@ class _Forward:
             # traced by torch.compile: these reads become the compiled graph's guards, so a module replaced,
             # hooked or switched to eval makes it recompile, and the retrace converts the model again
             for path, m, training, hooked in self.modules:
-                cur = get_path(self.module, path)
+                cur = self.module.get_submodule(path)
                 if cur is not m or cur.training != training or has_hooks(cur) != hooked:
                     _rebuild(self.owner)
                     return self.module.forward(*args, **kwargs)

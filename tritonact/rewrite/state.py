@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["TRACING", "get_path", "structure"]
+__all__ = ["TRACING", "structure"]
 
 
 class _TraceLock:
@@ -105,9 +105,3 @@ def structure(model: nn.Module, all_training: bool = False) -> list:
             )
         )
     return out
-
-
-def get_path(module: nn.Module, path: tuple) -> nn.Module:
-    for p in path:
-        module = getattr(module, p)
-    return module
