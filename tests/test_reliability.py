@@ -3,6 +3,7 @@
 
 import contextlib
 import copy
+import math
 import warnings
 
 import pytest
@@ -523,3 +524,37 @@ def test_few_values_per_channel_keep_the_gradient_bounded():
             assert ("layer3.0.bn1" in coded) == (n * 2 * 2 >= MIN_VALUES)
             worst.append(max(rel(ga[k], g) for k, g in ge.items() if g.dim() == 4))
     assert max(worst) < CONV, worst
+
+
+def test_a_long_run_with_changing_batches_and_eval_switches():
+    """300 steps of the demo's model on the digits at 4 bits: batch sizes change every step, every 50 steps the
+    model is switched to eval for a test pass and back; every loss is finite and the final test accuracy is within
+    1 point of exact training's (same seed, same batches)."""
+    from tritonact.demo import _accuracy, load_data, small_resnet
+
+    x_tr, y_tr, x_te, y_te = load_data("digits")
+    sizes = [64, 17, 128, 33]
+
+    def train(bits):
+        torch.manual_seed(0)
+        model = small_resnet(1, 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        order = torch.Generator().manual_seed(0)
+        ctx = tritonact.approximate(model, bits=bits) if bits else contextlib.nullcontext()
+        losses, accs = [], []
+        with ctx:
+            for step in range(300):
+                idx = torch.randint(0, len(y_tr), (sizes[step % len(sizes)],), generator=order)
+                loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if step % 50 == 49:
+                    accs.append(_accuracy(model, x_te, y_te))  # eval, then back to train
+        return losses, accs
+
+    exact_losses, exact_accs = train(None)
+    losses, accs = train(4)
+    assert all(math.isfinite(v) for v in losses)
+    assert accs[-1] > 0.9 and abs(accs[-1] - exact_accs[-1]) <= 0.01, (accs, exact_accs)

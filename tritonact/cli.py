@@ -25,7 +25,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     d = sub.add_parser(
         "demo",
-        help="train a small ResNet on real digits in every mode and compare (~2-3 min on CPU)",
+        help="train a small ResNet on real digits in every mode and compare (~1.5 min on 2 CPU cores)",
         description="Trains one small ResNet (torchvision BasicBlocks) on scikit-learn's digits from "
         "the same seed in each mode (exact, 8-bit, 4-bit, 2-bit, naive-4-bit); prints a "
         "table and writes results.json and demo.png to --out.",
