@@ -558,3 +558,40 @@ def test_a_long_run_with_changing_batches_and_eval_switches():
     losses, accs = train(4)
     assert all(math.isfinite(v) for v in losses)
     assert accs[-1] > 0.9 and abs(accs[-1] - exact_accs[-1]) <= 0.01, (accs, exact_accs)
+
+
+def _ddp_rank(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = resnet18()
+        local = copy.deepcopy(model)
+        x, y = batch(seed=10 + rank)
+        with tritonact.approximate(model, bits=4), tritonact.approximate(local, bits=4):
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            F.cross_entropy(ddp(x), y).backward()
+            F.cross_entropy(local(x), y).backward()  # this rank's own gradient, no communication
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        mine = {n: p.grad for n, p in local.named_parameters()}
+        torch.save({"ddp": grads, "local": mine}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_around_the_converted_model_averages_the_approximate_gradients(tmp_path):
+    """DDP (gloo, 2 CPU processes) wrapping a converted model: every rank ends with the same gradients, the mean of
+    what each rank computes alone from its codes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for n, g in r0["ddp"].items():
+        torch.testing.assert_close(g, r1["ddp"][n], rtol=0, atol=0)
+        torch.testing.assert_close(g, (r0["local"][n] + r1["local"][n]) / 2, rtol=1e-5, atol=1e-7)
