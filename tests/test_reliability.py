@@ -595,3 +595,40 @@ def test_ddp_around_the_converted_model_averages_the_approximate_gradients(tmp_p
     for n, g in r0["ddp"].items():
         torch.testing.assert_close(g, r1["ddp"][n], rtol=0, atol=0)
         torch.testing.assert_close(g, (r0["local"][n] + r1["local"][n]) / 2, rtol=1e-5, atol=1e-7)
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """The shape of timm's BatchNormAct2d: a BatchNorm2d subclass whose own forward updates the buffers and applies
+    its activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        stats = (self.running_mean, self.running_var, self.weight, self.bias)
+        x = F.batch_norm(x, *stats, self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+def test_entering_changes_no_buffer_and_bn_subclasses_update_theirs_as_they_run():
+    """Before: tracing ran the subclass's ``num_batches_tracked.add_(1)`` once at entry (timm models: +1 on every
+    such BN) and the traced graph never ran it again. Such a BN stays a call now, reported as left exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _BatchNormAct2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    exact = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 12, 12)
+    with tritonact.approximate(model, bits=4) as ctx:
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k  # entering changed nothing
+        for _ in range(3):
+            model(x).sum().backward()
+            exact(x).sum().backward()
+        assert any("_BatchNormAct2d is not covered" in why for _, why in ctx.report().exact)
+        assert len(ctx.report().units) == 1
+    for (k, a), b in zip(model.state_dict().items(), exact.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert model[1].num_batches_tracked.item() == 3

@@ -58,6 +58,10 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # every BatchNorm (subclasses too: timm's BatchNormAct2d) stays a call: tracing through one would run its
+        # buffer update once at trace time (num_batches_tracked.add_ on the real buffer) and never again
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and qualname != "":
+            return True
         return super().is_leaf_module(m, qualname) or (has_hooks(m) and qualname != "")
 
 
