@@ -215,8 +215,8 @@ def _notice_once() -> None:
         _noticed = True
         warnings.warn(
             "tritonact: compiling the CPU path with TorchInductor (the first steps of a process: up to a minute or "
-            "two on 2 cores, seconds once its C++ is cached); TRITONACT_COMPILE=0 or ApproxConfig(compile=False) "
-            "runs the eager path instead",
+            "two on 2 cores, seconds once its C++ is cached; as long again for each other dtype, e.g. under "
+            "autocast); TRITONACT_COMPILE=0 or ApproxConfig(compile=False) runs the eager path instead",
             CompileNotice,
             stacklevel=7,
         )
