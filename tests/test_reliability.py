@@ -632,3 +632,16 @@ def test_entering_changes_no_buffer_and_bn_subclasses_update_theirs_as_they_run(
     for (k, a), b in zip(model.state_dict().items(), exact.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     assert model[1].num_batches_tracked.item() == 3
+
+
+def test_the_report_says_where_a_unit_output_is_kept_in_full():
+    """Before: mobilenet_v3's Hardswish after its BNs kept every BN output in full and the report's "left exact"
+    list was empty."""
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    with tritonact.approximate(model, bits=4) as ctx:
+        pass
+    kept = {what: why for what, why in ctx.report().exact if "kept in full" in why}
+    assert "read by features.6.block.1.2 (Hardswish)" in kept["features.6.block.1.1 output"]
+    assert "read by mul (call_function)" in kept["features.1.block.0.1 output"]  # a squeeze-excitation gate
+    with tritonact.approximate(resnet18(), bits=4) as ctx:  # every unit output feeds code-aware consumers
+        assert not any("kept in full" in why for _, why in ctx.report().exact)

@@ -17,6 +17,7 @@ from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
 from tritonact.rewrite.calls import backend_name
 from tritonact.rewrite.plan import decide_joins
 from tritonact.rewrite.state import TRACING, structure
+from tritonact.ring import reader_is_safe
 
 __all__ = ["approximate", "ApproxReport", "NoUnitRan"]
 
@@ -240,6 +241,7 @@ class approximate:
             return
         plan = make_plan(gm, self.config, backend, prefix)
         rep = self._report
+        rep.exact += _kept_in_full(gm, plan)
         rep.units += [spec for spec, _, _ in plan.units.values()]
         rep.coded_convs += [prefix + n.target for n in plan.convs]
         rep.coded_pools += [prefix + n.target for n in plan.pools]
@@ -334,6 +336,20 @@ def _after_step(optimizer, args, kwargs) -> None:
                 NoUnitRan,
                 stacklevel=3,
             )
+
+
+def _kept_in_full(gm, plan) -> list:
+    """``(what, why)`` for each unit whose output a consumer that is not code-aware may save in full for backward
+    (an activation outside the unit, a view, a linear layer): its code does not replace it there."""
+    modules = dict(gm.named_modules())
+    out = []
+    for node, (spec, _, _) in plan.units.items():
+        for user in node.users:
+            why = reader_is_safe(user, node, plan, modules)
+            if why is not None and why.startswith("read by"):
+                out.append((f"{spec.name} output", f"also kept in full: {why}"))
+                break
+    return out
 
 
 class NoUnitRan(UserWarning):

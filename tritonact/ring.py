@@ -83,7 +83,7 @@ class RingPlan:
     nslots: int = 0
 
 
-def _reader_is_safe(user: fx.Node, node: fx.Node, plan, modules) -> str | None:
+def reader_is_safe(user: fx.Node, node: fx.Node, plan, modules) -> str | None:
     """None if ``user`` keeps nothing of ``node``'s value past its own step, else why it may."""
     if user.op == "output":
         return "it is a graph output"
@@ -99,6 +99,8 @@ def _reader_is_safe(user: fx.Node, node: fx.Node, plan, modules) -> str | None:
         m = modules[user.target]
         if not (m._forward_hooks or m._forward_pre_hooks):
             return None
+    if user.op == "call_module":
+        return f"read by {user.target} ({type(modules[user.target]).__name__}), which may keep it"
     what = user.target if user.op != "call_function" else getattr(user.target, "__name__", str(user.target))
     return f"read by {what} ({user.op}), which may keep it"
 
@@ -111,7 +113,7 @@ def schedule(steps, last_use: dict, plan, modules) -> RingPlan:
         if kind != "unit":
             continue
         spec = extra[0]
-        why = next((w for u in node.users if (w := _reader_is_safe(u, node, plan, modules))), None)
+        why = next((w for u in node.users if (w := reader_is_safe(u, node, plan, modules))), None)
         if why is None and node not in last_use:
             why = "it is never read"
         if why is not None:
