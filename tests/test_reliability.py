@@ -529,7 +529,7 @@ def test_few_values_per_channel_keep_the_gradient_bounded():
 def test_a_long_run_with_changing_batches_and_eval_switches():
     """300 steps of the demo's model on the digits at 4 bits: batch sizes change every step, every 50 steps the
     model is switched to eval for a test pass and back; every loss is finite and the final test accuracy is within
-    1 point of exact training's (same seed, same batches)."""
+    1 point of exact training's (same seed, same batches, same learning-rate schedule)."""
     from tritonact.demo import _accuracy, load_data, small_resnet
 
     x_tr, y_tr, x_te, y_te = load_data("digits")
@@ -540,6 +540,11 @@ def test_a_long_run_with_changing_batches_and_eval_switches():
         model = small_resnet(1, 10)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         order = torch.Generator().manual_seed(0)
+        # the learning rate decays to 0 (cosine): at a constant 0.05 the test accuracy of exact training itself swings
+        # between evaluations (measured 0.59-0.99 for seed 0, and an approximate run's last one 0.83-0.98 by seed),
+        # so a single evaluation compared two trainings by luck. Decayed: exact / units / units + generic path
+        # 0.994 / 0.994 / 0.992 (seed 0), 0.997 / 0.994 / 0.994 (seed 1).
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
         ctx = tritonact.approximate(model, bits=bits) if bits else contextlib.nullcontext()
         losses, accs = [], []
         with ctx:
@@ -549,6 +554,7 @@ def test_a_long_run_with_changing_batches_and_eval_switches():
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 losses.append(loss.item())
                 if step % 50 == 49:
                     accs.append(_accuracy(model, x_te, y_te))  # eval, then back to train

@@ -2,96 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.optim.optimizer as _optimizer
 from torch import nn
 
 from tritonact.config import ApproxConfig
+from tritonact.report import ApproxReport, kept_in_full
 from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
 from tritonact.rewrite.calls import backend_name
 from tritonact.rewrite.plan import decide_joins
 from tritonact.rewrite.state import TRACING, structure
-from tritonact.ring import reader_is_safe
+from tritonact.saved import GenericPath
 
 __all__ = ["approximate", "ApproxReport", "NoUnitRan"]
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-@dataclass
-class ApproxReport:
-    """What ``approximate`` did to a model: fused units, code-consuming convs/pools, and what was left exact."""
-
-    bits: int
-    units: list = field(default_factory=list)  # UnitSpec
-    coded_convs: list = field(default_factory=list)  # names
-    coded_pools: list = field(default_factory=list)
-    exact: list = field(default_factory=list)  # (what, why)
-    ring_kept_out: list = field(default_factory=list)  # (unit, why its output is not in the ring)
-    rewritten: list = field(default_factory=list, repr=False)  # (prefix, Rewritten)
-    ring_on: bool = False  # the ring is used at run time (ring=True, or the default on CUDA)
-
-    @property
-    def ring_slots(self) -> int:
-        """Slots of the ring(s): the most unit outputs alive at once (summed over separately converted parts)."""
-        return sum(r.ring_plan.nslots for _, r in self.rewritten if r.ring_plan is not None)
-
-    @property
-    def ring_bytes(self) -> int:
-        """Bytes the ring buffers hold now (allocated on first use, grown with the batch)."""
-        return sum(r.ring.nbytes for _, r in self.rewritten if r.ring is not None)
-
-    @property
-    def graph_modules(self) -> list:
-        """The generated ``torch.fx.GraphModule`` of each converted part, as ``(prefix, GraphModule)``."""
-        return [(prefix, r.gm) for prefix, r in self.rewritten]
-
-    @property
-    def code_bytes(self) -> int:
-        """Bytes of codes the last training forward stored (all units)."""
-        return sum(u.last_code_bytes for u in self.units)
-
-    @property
-    def full_bytes(self) -> int:
-        """Bytes the same activations take in full precision."""
-        return sum(u.last_full_bytes for u in self.units)
-
-    def __str__(self) -> str:
-        def n(k, what):
-            return f"{k} {what}{'' if k == 1 else 's'}"
-
-        lines = [
-            f"tritonact: {n(len(self.units), 'fused unit')} at {self.bits} bits, {n(len(self.coded_convs), 'conv')} "
-            f"and {n(len(self.coded_pools), 'max-pool')} consume codes"
-        ]
-        if self.full_bytes:
-            lines.append(
-                f"last forward: {self.code_bytes / 2**20:.2f} MiB of codes for {self.full_bytes / 2**20:.2f} MiB "
-                f"of activations ({self.full_bytes / max(self.code_bytes, 1):.1f}x less)"
-            )
-        lines.append(f"{'unit':<40} {'covers':<48} {'codes MiB':>9}")
-        for u in self.units:
-            join = " (2 codes)" if u.store_xh else ""
-            lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
-        planned = any(r.ring_plan is not None for _, r in self.rewritten)
-        if planned and not self.ring_on:
-            lines.append(f"ring: off on CPU by default ({self.ring_slots} slots planned; ApproxConfig(ring=True))")
-        elif planned:
-            lines.append(f"ring: {self.ring_slots} slots, {self.ring_bytes / 2**20:.2f} MiB held")
-            for what, why in self.ring_kept_out:
-                lines.append(f"  kept out of the ring: {what}: {why}")
-        else:
-            lines.append("ring: off")
-        if self.exact:
-            lines.append("left exact:")
-            lines += [f"  {what}: {why}" for what, why in self.exact]
-        return "\n".join(lines)
 
 
 class approximate:
@@ -103,7 +35,7 @@ class approximate:
         bits: 2, 4 or 8.
         naive: quantize inside the forward pass instead (a baseline whose error compounds with depth).
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA tensors, torch on CPU).
-        window, positive_fraction, ring, compile: see :class:`tritonact.ApproxConfig`.
+        window, positive_fraction, ring, compile, generic: see :class:`tritonact.ApproxConfig`.
 
     Example::
 
@@ -125,13 +57,15 @@ class approximate:
         positive_fraction: float | None = None,
         ring: bool | None = None,
         compile: bool | None = None,
+        generic: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         given = {
             k: v
             for k, v in dict(bits=bits, naive=naive, backend=backend, window=window,
-                             positive_fraction=positive_fraction, ring=ring, compile=compile).items()
+                             positive_fraction=positive_fraction, ring=ring, compile=compile,
+                             generic=generic).items()
             if v is not None
         }  # fmt: skip
         if config is not None:
@@ -146,6 +80,9 @@ class approximate:
         else:
             self.config = ApproxConfig(**given)
         self.model = model
+        cfg = self.config
+        on = cfg.generic and not cfg.naive
+        self._generic = GenericPath(cfg.bits, cfg.effective_window, cfg.effective_compile) if on else None
         self._swapped: list = []  # (module, had an instance forward, that forward)
         self._rewritten: list = []
         self._report: ApproxReport | None = None
@@ -206,8 +143,14 @@ class approximate:
             on = ring is True or (ring is None and _model_device(self.model).type == "cuda")
             self._report = ApproxReport(bits=self.config.bits, ring_on=on)
             self._rewritten = self._report.rewritten
+            self._report.generic = self._generic
             with TRACING.exclusive():
                 self._convert(self.model, "", self._backend, train_all)
+            if self._generic is not None and not any(m is self.model for m, _ in self._swapped):
+                # no converted graph at the top: the model's own forward, run under the generic path
+                fwd = _Forward(self, self.model, None, self.model.__dict__.get("forward"))
+                fwd.shape = structure(self.model, all_training=train_all)
+                self._swapped.append((self.model, fwd))
             conv = _Conversion(shape, self._report, self._swapped[:])
             self._swapped.clear()
             self._cache.insert(0, conv)
@@ -241,7 +184,7 @@ class approximate:
             return
         plan = make_plan(gm, self.config, backend, prefix)
         rep = self._report
-        rep.exact += _kept_in_full(gm, plan)
+        rep.exact += kept_in_full(gm, plan)
         rep.units += [spec for spec, _, _ in plan.units.values()]
         rep.coded_convs += [prefix + n.target for n in plan.convs]
         rep.coded_pools += [prefix + n.target for n in plan.pools]
@@ -258,7 +201,17 @@ class approximate:
             ]
             self._swapped.append((module, fwd))
         elif not prefix:
-            rep.exact.append((type(module).__name__, "no BatchNorm2d unit found: the whole model runs exactly"))
+            rep.exact.append(
+                (
+                    type(module).__name__,
+                    "no BatchNorm2d unit found: "
+                    + (
+                        "the generic path codes what autograd saves"
+                        if self._generic
+                        else "the whole model runs exactly"
+                    ),
+                )
+            )
         # modules kept as calls because they have hooks: convert their insides separately
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -338,20 +291,6 @@ def _after_step(optimizer, args, kwargs) -> None:
             )
 
 
-def _kept_in_full(gm, plan) -> list:
-    """``(what, why)`` for each unit whose output a consumer that is not code-aware may save in full for backward
-    (an activation outside the unit, a view, a linear layer): its code does not replace it there."""
-    modules = dict(gm.named_modules())
-    out = []
-    for node, (spec, _, _) in plan.units.items():
-        for user in node.users:
-            why = reader_is_safe(user, node, plan, modules)
-            if why is not None and why.startswith("read by"):
-                out.append((f"{spec.name} output", f"also kept in full: {why}"))
-                break
-    return out
-
-
 class NoUnitRan(UserWarning):
     """An optimizer step ran on a model inside ``approximate`` whose converted forward never ran."""
 
@@ -368,17 +307,18 @@ class _Forward:
     pickle (``torch.save(model)``) of the module made inside the context gets the module's own forward, not this
     one: the copy is an ordinary, exact model with its own parameters."""
 
-    def __init__(self, owner: approximate, module: nn.Module, rw: Rewritten, prev):
-        self.owner, self.module, self.gm, self.prev = owner, module, rw.gm, prev
+    def __init__(self, owner: approximate, module: nn.Module, rw: Rewritten | None, prev):
+        self.owner, self.module, self.prev = owner, module, prev
+        self.gm = rw.gm if rw is not None else None  # None: the module's own forward (under the generic path)
         self.__wrapped__ = prev if prev is not None else types.MethodType(type(module).forward, module)
-        self.specs = rw.specs
+        self.specs = rw.specs if rw is not None else []
         self.shape: list = []  # structure(module) when it was converted
         self.modules: list = []  # (qualified name, submodule, training, has hooks): what a compiled graph checks
         self.active = True  # False once the context has exited (a reference kept past it runs the module's own)
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            if not self.active or not self.module.training or not torch.is_grad_enabled():
+            if not self.active or not self.module.training or not torch.is_grad_enabled() or self.gm is None:
                 return self.__wrapped__(*args, **kwargs)
             # traced by torch.compile: these reads become the compiled graph's guards, so a module replaced,
             # hooked or switched to eval makes it recompile, and the retrace converts the model again
@@ -395,10 +335,12 @@ class _Forward:
                 return self.module.forward(*args, **kwargs)
             decide_joins(self.specs)
             self.owner._ran = True
-            run = self.gm
+            run = self.gm if self.gm is not None else self.__wrapped__
+            gen = self.owner._generic
+            codes = gen.forward(self.module, args, kwargs) if gen is not None else contextlib.nullcontext()
         else:
-            run = self.__wrapped__
-        with TRACING.shared():  # no other thread's torch.fx trace (a conversion) sees these module calls
+            run, codes = self.__wrapped__, contextlib.nullcontext()
+        with TRACING.shared(), codes:  # TRACING: no other thread's torch.fx trace (a conversion) sees these calls
             return run(*args, **kwargs)
 
     def __deepcopy__(self, memo):

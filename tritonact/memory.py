@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 __all__ = ["SavedTensorCounter", "saved_bytes", "activation_bytes_per_sample", "peak_memory"]
+
+_ACTIVE = threading.local()  # .counters: the SavedTensorCounters open on this thread
+
+
+def note_saved(t) -> None:
+    """Tell the open counters about a tensor autograd keeps. The generic path (``tritonact.saved``) calls it: its
+    hooks sit inside the counter's, so the counter sees the codes it keeps instead of the tensors they code."""
+    for c in getattr(_ACTIVE, "counters", ()):
+        c._pack(t)
 
 
 class SavedTensorCounter:
@@ -41,10 +51,12 @@ class SavedTensorCounter:
 
     def __enter__(self) -> SavedTensorCounter:
         self._hooks.__enter__()
+        _ACTIVE.counters = (*getattr(_ACTIVE, "counters", ()), self)
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+        _ACTIVE.counters = tuple(c for c in getattr(_ACTIVE, "counters", ()) if c is not self)
         return False
 
 

@@ -68,13 +68,15 @@ def code_params(
     beta: torch.Tensor,
     coded: str,
     window: float,
-    positive_fraction: float,
+    positive_fraction: float | None,
 ) -> torch.Tensor:
     """Per-channel grid of a unit. All inputs are fp32 ``(C,)`` except the python scalars.
 
     Args:
         coded: ``"xh"`` (w is the BN's normalized input; mean 0, std 1) or ``"sum"`` (w is BN(y) + residual).
         window: half-width of the coded window in standard deviations of ``w``; ``inf`` = observed min/max.
+        positive_fraction: share of the levels above the threshold where a channel has values on both sides;
+            None splits them by the extent of each side (the generic path, ``tritonact.saved``).
     """
     L = float(1 << bits)
     C = wmin.numel()
@@ -125,7 +127,11 @@ def code_params(
         else:
             vhi = torch.full_like(wmin, math.inf)
             sat_possible = torch.zeros_like(deg)
-        n_neg_mixed = max(1.0, float(round(L * (1.0 - positive_fraction))))
+        if positive_fraction is None:  # levels split by the extent of each side (the generic path)
+            ext_n, ext_p = (-neg_lo).clamp(min=0.0), pos_hi.clamp(min=0.0)
+            n_neg_mixed = torch.round(L * ext_n / torch.clamp(ext_n + ext_p, min=_TINY)).clamp_(1.0, L - 1.0)
+        else:
+            n_neg_mixed = max(1.0, float(round(L * (1.0 - positive_fraction))))
         nneg = torch.where(vmax <= 0, L, torch.where(vmin > 0, 0.0, n_neg_mixed))
         qtop = torch.where(sat_possible, L - 2, L - 1)
         qtop = torch.maximum(qtop, nneg)  # at least one positive bin whenever there are positive codes

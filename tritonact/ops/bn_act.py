@@ -14,6 +14,7 @@ from torch import Tensor
 from tritonact import backends
 from tritonact import reference as ref
 from tritonact.quant import memory_order
+from tritonact.saved import passthrough
 
 __all__ = ["bn_act", "bn_act_backward", "BNActFn", "direct", "DOUBLE_BACKWARD"]
 
@@ -151,7 +152,8 @@ def _setup(ctx, inputs, output):
         else:
             ctx.mode, saved = "exact", saved + [residual]
         ctx.res_dtype = residual.dtype
-    ctx.save_for_backward(*saved)
+    with passthrough():  # an exact residual stays exact (the generic path would code it)
+        ctx.save_for_backward(*saved)
     ctx.shape, ctx.perm, ctx.dtype = list(y.shape), list(memory_order(y)), y.dtype
     ctx.bits, ctx.act, ctx.backend = bits, act, backend
     ctx.res = (list(res_shape), list(res_perm), list(res_pool), res_act)

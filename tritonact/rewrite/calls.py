@@ -15,20 +15,13 @@ from torch import nn
 
 from tritonact import backends
 from tritonact import reference as ref
-from tritonact.config import ApproxConfig
+from tritonact.config import MIN_VALUES, ApproxConfig
 from tritonact.ops.bn_act import BNActFn, direct
 from tritonact.ops.coded import ConvFn, MaxPoolFn
 from tritonact.quant import memory_order
 from tritonact.rewrite.plan import UnitSpec, pair
 
 __all__ = ["Code", "Unit", "CodedConv", "CodedPool", "MIN_VALUES"]
-
-# A BN that sees fewer values than this per channel (batch x height x width) runs exactly: with so few values its
-# input gradient nearly cancels (it is orthogonal to 1 and to x_hat), and what is left is dominated by the codes'
-# rounding. Measured on resnet18, 4 bits, 48 small batches (3x24x24, 2x32x32, 4x32x32, 6x24x24; layer4 sees 2-6
-# values): worst conv gradient error median 0.24 and max 1.82 with codes everywhere, 0.126 / 0.146 from 16 on
-# (8: 0.136 / 0.157). Storing those few values in full costs nothing measurable.
-MIN_VALUES = 16
 
 
 class Code(NamedTuple):

@@ -99,9 +99,16 @@ def structure(model: nn.Module, all_training: bool = False) -> list:
                 tuple(m._forward_hooks),
                 tuple(m._backward_pre_hooks),
                 tuple(m._backward_hooks),
-                None if fwd is None or getattr(fwd, "_tritonact_forward", False) else id(fwd),
+                _forward_id(fwd),
                 tuple(map(id, m._parameters.values())),
                 tuple(map(id, m._buffers.values())),
             )
         )
     return out
+
+
+def _forward_id(fwd):
+    """An instance-level forward's identity; a converted forward stands for the user's forward it wraps, if any."""
+    if getattr(fwd, "_tritonact_forward", False):
+        fwd = fwd.prev
+    return None if fwd is None else id(fwd)

@@ -1,0 +1,187 @@
+"""The generic path (tritonact.saved): the other floating-point tensors autograd saves inside a converted model are
+kept as k-bit codes; the forward stays exact, masks stay exact, nothing it must not touch is touched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import tritonact
+from tritonact import fidelity, saved
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Every tensor the generic path codes, as (shape, dtype, bits)."""
+    seen = []
+    real = saved.encode
+
+    def encode(x, bits, window, compile=False):
+        seen.append((tuple(x.shape), x.dtype, bits, x.untyped_storage().data_ptr()))
+        return real(x, bits, window, compile)
+
+    monkeypatch.setattr(saved, "encode", encode)
+    return seen
+
+
+def _no_bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 10),
+    )  # fmt: skip
+
+
+def test_masks_stay_exact_and_the_forward_is_exact(spy):
+    """A net with no BN: the ReLU and LeakyReLU outputs / inputs are coded at 4 bits, but their sign survives, so
+    the gradient of the first conv (its input is the network input, never coded; every gradient on the way down
+    passes convs' input gradients, which read weights only, and masks) is bit for bit the exact one; the second
+    and third convs' weight gradients come from codes and differ."""
+    model = _no_bn_net()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
+    out_e = model(x)
+    F.cross_entropy(out_e, y).backward()
+    exact = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with tritonact.approximate(model, bits=4) as ctx:
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+    assert torch.equal(out, out_e)
+    assert torch.equal(model[0].weight.grad, exact["0.weight"])
+    assert torch.equal(model[0].bias.grad, exact["0.bias"])
+    for n in ("2.weight", "4.weight"):
+        assert 0 < _rel(dict(model.named_parameters())[n].grad, exact[n]) < 0.2, n
+    # coded: the ReLU output (saved by ReLU and, as the same tensor, by the next conv: one code), the LeakyReLU
+    # input and output; not the input image, not the Linear's input (8 values per feature)
+    shapes = sorted(s for s, _, _, _ in spy)
+    assert shapes == [(4, 16, 16, 16)] * 3, shapes
+    assert {b for _, _, b, _ in spy} == {4}
+    g = ctx.report().generic
+    assert g.last_tensors == 3 and g.last_code_bytes < g.last_full_bytes / 7
+
+
+def test_never_codes_parameters_inputs_small_or_integer_tensors(spy):
+    params = set()
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = torch.randn(128, 64)
+    idx = torch.randint(0, 64, (128, 64))
+    with tritonact.approximate(model, bits=4):
+        out = model(x)
+        out.gather(1, idx).sum().backward()  # gather saves an int64 index
+        small = model(x[:8])  # 8 values per feature: nothing coded
+        small.sum().backward()
+    ptrs = {p for _, _, _, p in spy}
+    assert not ptrs & params and x.untyped_storage().data_ptr() not in ptrs
+    assert [s for s, _, _, _ in spy] == [(128, 256), (128, 256)]  # the GELU input (8 bits) and output (4 bits)
+    assert sorted(b for _, _, b, _ in spy) == [4, 8]
+    assert all(d == torch.float32 for _, d, _, _ in spy)
+
+
+def test_generic_off_and_report():
+    model = _no_bn_net()
+    x = torch.randn(2, 3, 16, 16)
+    for generic in (True, False):
+        with tritonact.approximate(model, bits=4, generic=generic) as ctx:
+            model(x).sum().backward()
+        text = str(ctx.report())
+        if generic:
+            assert "generic path: 3 other saved tensors (0 of them at 8 bits)" in text, text
+            assert "the generic path codes what autograd saves" in text
+        else:
+            assert "generic path: off" in text and ctx.report().generic is None
+    with pytest.raises(TypeError, match="generic must be True or False, got 1"):
+        tritonact.ApproxConfig(generic=1)
+
+
+def test_double_backward_through_a_code_raises_naming_tritonact():
+    model = _no_bn_net()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with tritonact.approximate(model, bits=4):
+        # raised by the backward that would build the second-order graph, before anything reads a wrong gradient
+        with pytest.raises(RuntimeError, match="tritonact: double backward .* generic path"):
+            torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(model(x).square().sum(), x)  # first order works
+        assert torch.isfinite(g).all()
+
+
+def test_other_saved_tensors_hooks_are_respected():
+    """Under a checkpoint around the whole model (its hooks are active around the forward), the generic path stands
+    aside, the report says why, and the gradients are the exact ones (the model has no BN: nothing else is coded)."""
+    model = _no_bn_net()
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    exact = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with tritonact.approximate(model, bits=4) as ctx:
+        checkpoint(model, x, use_reentrant=False).sum().backward()
+    assert "generic path: not used in the last training forward (other saved_tensors_hooks" in str(ctx.report())
+    for p, g in zip(model.parameters(), exact):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_counter_and_memtracker_see_the_codes():
+    """SavedTensorCounter (whose hooks the generic path's sit inside) and MemTracker agree on the per-sample slope
+    of what a forward keeps; both are several times below exact."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model = _no_bn_net()
+    inputs = {n: torch.randn(n, 3, 16, 16) for n in (16, 32)}
+    exact = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (16, 32))
+    with tritonact.approximate(model, bits=4):
+        ours = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (16, 32))
+        held = {}
+        for n, x in inputs.items():
+            mt = MemTracker()
+            mt.track_external(model)
+            with mt:
+                out = model(x)
+                snap = mt.get_tracker_snapshot()[torch.device("cpu")]
+            held[n] = {str(k): v for k, v in snap.items()}
+            del out
+    act = next(k for k in held[16] if k.endswith("ACT"))
+    slope = (held[32][act] - held[16][act]) / 16
+    image = inputs[16][0].nbytes  # conv1 saves the image; it was allocated before the tracker started
+    # only MemTracker's rounding of allocations to its block size may differ
+    assert abs(slope + image - ours) <= 0.02 * ours, (slope, image, ours)
+    assert exact / ours > 5, (exact, ours)  # 3 of 4 saved activations coded at 4 bits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_models(dtype):
+    model = _no_bn_net().to(dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    model(x).float().sum().backward()
+    exact = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with tritonact.approximate(model, bits=8) as ctx:
+        model(x).float().sum().backward()
+    assert ctx.report().generic.last_tensors == 3
+    for p, g in zip(model.parameters(), exact):
+        assert p.grad.dtype == dtype and _rel(p.grad.float(), g.float()) < 0.05
+
+
+def test_mobilenet_v3_small_saves_more_with_bounded_error():
+    """The model the generic path was made for: most of what mobilenet_v3_small saves is outside its units
+    (Hardswish inputs, squeeze-excitation operands). 64x64, conv weight gradient error over 8 samples. Measured:
+    saved bytes per sample exact / 4-bit 1.76x without the generic path, 4.30x with it; median / max conv error
+    0.160 / 0.267 (units alone 0.096 / 0.27)."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    make = lambda n: torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n))  # noqa: E731
+    exact_b = tritonact.activation_bytes_per_sample(model, make, (2, 4))
+    ratio = {}
+    for generic in (False, True):
+        with tritonact.approximate(model, bits=4, generic=generic):
+            ratio[generic] = exact_b / tritonact.activation_bytes_per_sample(model, make, (2, 4))
+    assert ratio[False] < 2.0 and ratio[True] > 4.0, ratio
+    x, t = make(8), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0))
+    errs = fidelity.grad_errors(model, x, t, bits=4, forward_rtol=1e-5)
+    e = sorted(err for _, _, err in errs)
+    assert e[len(e) // 2] < 0.2 and e[-1] < 0.35, e  # measured 0.160 / 0.267 (the issue's bound: median 0.20)

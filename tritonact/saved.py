@@ -1,0 +1,280 @@
+"""The generic path: the other floating-point tensors autograd saves inside a converted model, kept as k-bit codes.
+
+Units code what their BatchNorm produces. Everything else an op saves for its backward (the input of a SiLU, GELU
+or Hardswish, both operands of a squeeze-excitation multiply, a concatenation that feeds a convolution, the input
+of a LayerNorm, a Linear or a BatchNorm that is not a unit) is, without this path, kept in full. While a converted
+model runs a training forward, ``torch.autograd.graph.saved_tensors_hooks`` give each such tensor, at the moment
+autograd saves it, a per-channel (dim 1) k-bit code on a threshold-anchored grid (``reference.code_params`` with
+the bin edge at 0 and the levels split between the two signs by their extent), and the backward decodes it when
+autograd asks for the tensor. The sign of every value survives exactly, so the masks that ReLU, LeakyReLU and
+friends compute from their saved tensor are exact; zeros decode to ``-1e-20``-small values. The forward never
+sees a code: it stays exact. An op that reads its saved tensor only for a weight gradient, a norm's variance
+term or a sign (``_COARSE``) gets a ``bits``-bit code; any other gets an 8-bit one (see ``_COARSE``).
+
+Never coded: parameters and buffers (and views of them), the forward's own inputs, integer, bool and float64
+tensors, tensor subclasses, tensors of fewer than ``MIN_NUMEL`` elements or fewer than
+``config.MIN_VALUES`` values per channel, what tritonact's own ops save, the inputs torch.utils.checkpoint
+recomputes from (a recomputation from codes would be an approximate forward), and everything while other
+``saved_tensors_hooks`` are active around the model (``torch.utils.checkpoint`` around it, a user's offloading
+hooks), which this path would otherwise bypass. ``ApproxConfig(generic=False)`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from tritonact import reference as ref
+from tritonact.config import DEFAULT_WINDOW, MIN_VALUES
+from tritonact.quant import memory_order
+
+__all__ = ["Coded", "GenericPath", "encode", "passthrough", "MIN_NUMEL", "DOUBLE_BACKWARD_GENERIC"]
+
+MIN_NUMEL = 4096  # smaller saved tensors (gates, pooled features, logits) are kept as they are
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_STATE = threading.local()
+
+DOUBLE_BACKWARD_GENERIC = (
+    "tritonact: double backward (create_graph=True, e.g. a gradient penalty or a Hessian-vector product) through "
+    "a tensor the generic path keeps as a k-bit code is not supported; run that step outside "
+    "tritonact.approximate, or pass generic=False"
+)
+
+
+@contextlib.contextmanager
+def passthrough():
+    """Inside: tensors saved for backward are kept as they are (tritonact's own ops save codes already)."""
+    prev = getattr(_STATE, "passthrough", False)
+    _STATE.passthrough = True
+    try:
+        yield
+    finally:
+        _STATE.passthrough = prev
+
+
+@dataclass(eq=False)
+class Coded:
+    """The k-bit code of one saved tensor: packed codes (memory order), its ``(PARAM_ROWS, C)`` grid and what
+    decoding needs."""
+
+    data: torch.Tensor
+    P: torch.Tensor
+    bits: int
+    shape: tuple
+    perm: tuple
+    dtype: torch.dtype
+    compiled: bool = False  # made by the compiled CPU path (decoded by it too)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.untyped_storage().nbytes() + self.P.untyped_storage().nbytes()
+
+    def decode(self) -> torch.Tensor:
+        """The approximate tensor, in the original dtype, shape and memory order."""
+        if self.compiled and _compiled_ok(self.data):
+            from tritonact import compiled
+
+            # act "none": A * v~ + B with A = 1, B = 0 (the grid of a "sum" code), i.e. v~ itself
+            w = compiled.decode_act(self.data, self.P, self.bits, self.shape, self.perm, "none", self.dtype)
+            if w is not None:
+                return w
+        w, _ = ref.decode_value_ref(self.data, self.P, self.bits, self.shape, self.perm, "relu")
+        return w if self.dtype == torch.float32 else w.to(self.dtype)
+
+
+def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False) -> Coded:
+    """The code of ``x`` (float, channels at dim 1): per-channel grid from its min/max, clipped to ``window``
+    standard deviations around the channel mean where ``window`` is finite. ``compile``: on CPU, the compiled
+    unit forward of ``tritonact.compiled`` (the same formulas) where it applies."""
+    with torch.no_grad():
+        if compile and _compiled_ok(x):
+            from tritonact import compiled
+
+            one = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+            perm = memory_order(x)
+            c = compiled.forward_sum(
+                x.detach(), one, one * 0.0, bits=bits, act="relu", window=window, pf=None, perm=perm
+            )
+            if c is not None:
+                return Coded(c[0], c[1], bits, tuple(x.shape), perm, x.dtype, True)
+        x32 = x.detach()
+        if x32.dtype != torch.float32:
+            x32 = x32.float()
+        if not x32.permute(memory_order(x32)).is_contiguous():  # a view with gaps: code a dense copy
+            x32 = x32.contiguous()
+        dims = ref.channel_dims(x32)
+        wmin, wmax = x32.amin(dim=dims), x32.amax(dim=dims)
+        if math.isinf(window):
+            mean = std = wmin  # unused by code_params for an infinite window
+        else:
+            var, mean = torch.var_mean(x32, dim=dims, unbiased=False)
+            std = var.sqrt()
+        one = torch.ones_like(wmin)
+        P = ref.code_params(
+            bits=bits,
+            act="relu",
+            wmin=wmin,
+            wmax=wmax,
+            wmean=mean,
+            wstd=std,
+            gamma=one,
+            beta=torch.zeros_like(wmin),
+            coded="sum",
+            window=window,
+            positive_fraction=None,
+        )
+        data = ref.encode_ref(x32, P, bits, "relu")
+    return Coded(data, P, bits, tuple(x.shape), memory_order(x32), x.dtype)
+
+
+# Modules whose ops read a saved tensor only for a weight gradient, a norm's variance term or its sign: coding it
+# costs error in that layer alone. Every other op that saves an activation (SiLU, GELU, Hardswish, sigmoid, a
+# multiply, anything functional) reads it for the gradient that flows on to earlier layers, where the rounding
+# compounds with depth: such tensors are coded at 8 bits. Measured on mobilenet_v3_small (4 bits, 8 samples of
+# 64x64, conv weight gradient error median / max): every tensor at 4 bits 0.293 / 0.403, Hardswish inputs at 8 bits
+# 0.187 / 0.332, all but the convolutions' inputs at 8 bits 0.160 / 0.267 (units alone: 0.096).
+_COARSE = (
+    torch.nn.modules.conv._ConvNd,
+    torch.nn.Linear,
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.ReLU,
+    torch.nn.ReLU6,
+    torch.nn.LeakyReLU,
+    torch.nn.Hardtanh,
+    torch.nn.modules.pooling._MaxPoolNd,
+)
+
+
+def _saver(frame) -> str:
+    """Who saves a tensor, from the Python frames above the hook (``frame`` first): ``"coarse"`` for an op of one
+    of the ``_COARSE`` modules, ``"recompute"`` for torch.utils.checkpoint keeping the inputs it recomputes from
+    (a recomputation from codes would run an approximate forward), else ``"fine"``. The innermost frame whose
+    ``self`` is a module says which module runs."""
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "torch.utils.checkpoint":
+            return "recompute"
+        s = frame.f_locals.get("self")
+        if isinstance(s, torch.nn.Module):
+            return "coarse" if isinstance(s, _COARSE) and not isinstance(s, torch.fx.GraphModule) else "fine"
+        frame = frame.f_back
+    return "fine"
+
+
+def _compiled_ok(t: torch.Tensor) -> bool:
+    from tritonact import backends, compiled
+
+    return compiled.enabled(t.device) and not backends.user_mode_active()
+
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device, s.data_ptr(), s.nbytes())
+
+
+def _top_hooks():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private; absent: assume none
+    return top(False) if top is not None else None
+
+
+class GenericPath:
+    """The generic path of one converted model. ``forward(model, args, kwargs)`` is the context of one training
+    forward; ``last_*`` describe the last one."""
+
+    def __init__(self, bits: int, window: float, compile: bool = False):
+        self.bits, self.window, self.compile = bits, float(window), compile
+        self.last_code_bytes = 0  # bytes of the codes the last training forward stored
+        self.last_full_bytes = 0  # bytes the same tensors take as autograd would have kept them
+        self.last_tensors = 0
+        self.last_fine = 0  # of those, coded at 8 bits (saved by an op whose input gradient reads the value)
+        self.skipped: str | None = None  # why the last training forward ran without this path
+
+    def forward(self, model: torch.nn.Module, args, kwargs):
+        top = _top_hooks()
+        if top is not None:
+            owner = getattr(top[0], "__self__", None)
+            if isinstance(owner, _Session):  # an enclosing converted module's forward codes already
+                return contextlib.nullcontext()
+            from tritonact.memory import SavedTensorCounter
+
+            if not isinstance(owner, SavedTensorCounter):  # never bypass a user's hooks or a checkpoint's
+                self.skipped = "other saved_tensors_hooks were active around the model"
+                return contextlib.nullcontext()
+        self.skipped = None
+        return _Session(self, model, args, kwargs)
+
+
+class _Session:
+    def __init__(self, path: GenericPath, model, args, kwargs):
+        self.path = path
+        keep = [*model.parameters(), *model.buffers()]
+        keep += [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.keep = {_storage_key(t) for t in keep}
+        self.cache: dict = {}  # data_ptr -> (weakref to the tensor, its version, Coded): one code per saved tensor
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+
+    def __enter__(self):
+        p = self.path
+        p.last_code_bytes = p.last_full_bytes = p.last_tensors = p.last_fine = 0
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        self.cache.clear()
+        return False
+
+    def _codable(self, t) -> bool:
+        return (
+            type(t) is torch.Tensor
+            and t.layout == torch.strided
+            and t.dtype in _FLOATS
+            and t.device.type != "meta"
+            and t.dim() >= 2
+            and t.numel() >= MIN_NUMEL
+            and t.numel() // max(t.shape[1], 1) >= MIN_VALUES
+            and not getattr(_STATE, "passthrough", False)
+            and _storage_key(t) not in self.keep
+        )
+
+    def pack(self, t):
+        from tritonact.memory import note_saved
+
+        saver = None
+        if isinstance(t, torch.Tensor) and self._codable(t):
+            saver = _saver(sys._getframe(1))
+        if saver is None or saver == "recompute":
+            note_saved(t)
+            return t
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        hit = self.cache.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            return hit[2]
+        p = self.path
+        if p.bits < 8 and saver == "fine":
+            c = encode(t, 8, DEFAULT_WINDOW[8], p.compile)
+            p.last_fine += 1
+        else:
+            c = encode(t, p.bits, p.window, p.compile)
+        self.cache[key] = (weakref.ref(t), t._version, c)
+        p.last_code_bytes += c.nbytes
+        p.last_full_bytes += t.numel() * t.element_size()
+        p.last_tensors += 1
+        note_saved(c.data)
+        note_saved(c.P)
+        return c
+
+
+def _unpack(c):
+    if not isinstance(c, Coded):
+        return c
+    if torch.is_grad_enabled():  # a backward with create_graph=True: the code is not differentiable
+        raise RuntimeError(DOUBLE_BACKWARD_GENERIC)
+    return c.decode()
