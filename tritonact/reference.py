@@ -138,6 +138,8 @@ def code_params(
         npos = torch.clamp(qtop - nneg + 1, min=1.0)
         dp = torch.clamp(pos_hi / npos, min=_TINY)
         dn = torch.clamp(-neg_lo / torch.clamp(nneg, min=1.0), min=_TINY)
+        if positive_fraction is None:  # no value below 0: the negative level holds only zeros, which decode to 0
+            dn = torch.where(neg_lo < 0, dn, 0.0)
         A, B = absg, torch.zeros_like(wmin)
         # (on a GPU always applied, as no-ops where gamma != 0: asking deg.any() would stall on a host sync)
         if coded == "xh" and (deg.is_cuda or torch.compiler.is_compiling() or _traced(deg) or bool(deg.any())):
@@ -157,7 +159,7 @@ def code_params(
             B = torch.where(deg, act_beta, B)
         P[R["o"]], P[R["sgn"]] = o, sgn
     P[R["dp"]], P[R["dn"]] = dp, dn
-    P[R["rdp"]], P[R["rdn"]] = 1.0 / dp, 1.0 / dn
+    P[R["rdp"]], P[R["rdn"]] = 1.0 / dp, torch.where(dn > 0, 1.0 / dn, 0.0)  # dn is 0 only in that case
     P[R["nneg"]], P[R["qtop"]], P[R["vhi"]] = nneg, qtop, vhi
     P[R["A"]], P[R["B"]] = A, B
     return P

@@ -8,7 +8,8 @@ autograd saves it, a per-channel (dim 1) k-bit code on a threshold-anchored grid
 the bin edge at 0 and the levels split between the two signs by their extent), and the backward decodes it when
 autograd asks for the tensor. The sign of every value survives exactly, so the masks that ReLU, LeakyReLU and
 friends compute from their saved tensor are exact; zeros decode to ``-1e-20``-small values. The forward never
-sees a code: it stays exact. An op that reads its saved tensor only for a weight gradient, a norm's variance
+sees a code: it stays exact. The argmax an ``nn.MaxPool2d`` saves (int64) is kept as its uint8 position inside
+the window, decoded exactly. An op that reads its saved tensor only for a weight gradient, a norm's variance
 term or a sign (``_COARSE``) gets a ``bits``-bit code; any other gets an 8-bit one (see ``_COARSE``).
 
 Never coded: parameters and buffers (and views of them), the forward's own inputs, integer, bool and float64
@@ -34,7 +35,7 @@ from tritonact import reference as ref
 from tritonact.config import DEFAULT_WINDOW, MIN_VALUES
 from tritonact.quant import memory_order
 
-__all__ = ["Coded", "GenericPath", "encode", "passthrough", "MIN_NUMEL", "DOUBLE_BACKWARD_GENERIC"]
+__all__ = ["Coded", "PoolIndex", "GenericPath", "encode", "passthrough", "MIN_NUMEL", "DOUBLE_BACKWARD_GENERIC"]
 
 MIN_NUMEL = 4096  # smaller saved tensors (gates, pooled features, logits) are kept as they are
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -158,14 +159,63 @@ def _saver(frame) -> str:
     of the ``_COARSE`` modules, ``"recompute"`` for torch.utils.checkpoint keeping the inputs it recomputes from
     (a recomputation from codes would run an approximate forward), else ``"fine"``. The innermost frame whose
     ``self`` is a module says which module runs."""
+    m, _ = _module_of(frame)
+    if m is _RECOMPUTE:
+        return "recompute"
+    return "coarse" if isinstance(m, _COARSE) and not isinstance(m, torch.fx.GraphModule) else "fine"
+
+
+_RECOMPUTE = object()
+
+
+def _module_of(frame):
+    """``(module, its frame)`` of the innermost module forward above ``frame`` (``_RECOMPUTE`` for
+    torch.utils.checkpoint's own frames), or ``(None, None)``."""
     while frame is not None:
         if frame.f_globals.get("__name__") == "torch.utils.checkpoint":
-            return "recompute"
+            return _RECOMPUTE, frame
         s = frame.f_locals.get("self")
         if isinstance(s, torch.nn.Module):
-            return "coarse" if isinstance(s, _COARSE) and not isinstance(s, torch.fx.GraphModule) else "fine"
+            return s, frame
         frame = frame.f_back
-    return "fine"
+    return None, None
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@dataclass(eq=False)
+class PoolIndex:
+    """A max-pool's saved argmax (int64, a flat position in the input plane) kept as the uint8 position inside its
+    window (``reference.local_index``): 1 byte instead of 8 per output element, decoded exactly."""
+
+    local: torch.Tensor
+    args: tuple  # in_shape, kernel, stride, padding, dilation
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.untyped_storage().nbytes()
+
+    def decode(self) -> torch.Tensor:
+        return ref.global_index(self.local, *self.args)
+
+
+def pool_index(t: torch.Tensor, frame) -> PoolIndex | None:
+    """``t`` as a :class:`PoolIndex` where it is the argmax an ``nn.MaxPool2d`` (called above ``frame``) saves."""
+    m, f = _module_of(frame)
+    if not isinstance(m, torch.nn.MaxPool2d):
+        return None
+    x = f.f_locals.get("input")
+    kernel = _pair(m.kernel_size)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or kernel[0] * kernel[1] > 256:
+        return None
+    stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+    args = (tuple(x.shape), kernel, stride, _pair(m.padding), _pair(m.dilation))
+    if tuple(t.shape[:2]) != tuple(x.shape[:2]):
+        return None
+    with torch.no_grad():
+        return PoolIndex(ref.local_index(t, *args), args)
 
 
 def _compiled_ok(t: torch.Tensor) -> bool:
@@ -231,18 +281,19 @@ class _Session:
         self.cache.clear()
         return False
 
-    def _codable(self, t) -> bool:
+    def _big(self, t) -> bool:
         return (
             type(t) is torch.Tensor
             and t.layout == torch.strided
-            and t.dtype in _FLOATS
             and t.device.type != "meta"
             and t.dim() >= 2
             and t.numel() >= MIN_NUMEL
-            and t.numel() // max(t.shape[1], 1) >= MIN_VALUES
             and not getattr(_STATE, "passthrough", False)
             and _storage_key(t) not in self.keep
         )
+
+    def _codable(self, t) -> bool:
+        return t.dtype in _FLOATS and self._big(t) and t.numel() // max(t.shape[1], 1) >= MIN_VALUES
 
     def pack(self, t):
         from tritonact.memory import note_saved
@@ -250,6 +301,14 @@ class _Session:
         saver = None
         if isinstance(t, torch.Tensor) and self._codable(t):
             saver = _saver(sys._getframe(1))
+        elif isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 4 and self._big(t):
+            idx = pool_index(t, sys._getframe(1))
+            if idx is not None:
+                self.path.last_full_bytes += t.numel() * 8
+                self.path.last_code_bytes += idx.nbytes
+                self.path.last_tensors += 1
+                note_saved(idx.local)
+                return idx
         if saver is None or saver == "recompute":
             note_saved(t)
             return t
@@ -273,6 +332,8 @@ class _Session:
 
 
 def _unpack(c):
+    if isinstance(c, PoolIndex):
+        return c.decode()  # exact
     if not isinstance(c, Coded):
         return c
     if torch.is_grad_enabled():  # a backward with create_graph=True: the code is not differentiable
