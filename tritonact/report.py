@@ -63,7 +63,7 @@ class ApproxReport:
             )
         lines.append(f"{'unit':<40} {'covers':<48} {'codes MiB':>9}")
         for u in self.units:
-            join = " (2 codes)" if u.store_xh else ""
+            join = (" (2 codes)" if u.store_xh else "") + (f" ({u.bits} bits)" if u.bits else "")
             lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
         planned = any(r.ring_plan is not None for _, r in self.rewritten)
         if planned and not self.ring_on:
@@ -81,7 +81,8 @@ class ApproxReport:
             lines.append(f"generic path: not used in the last training forward ({g.skipped})")
         elif g.last_tensors:
             lines.append(
-                f"generic path: {g.last_tensors} other saved tensors ({g.last_fine} of them at 8 bits), "
+                f"generic path: {g.last_tensors} other saved tensors ({g.last_fine} coded at 8 bits, {g.last_reused} "
+                "a unit's code serves), "
                 f"{g.last_code_bytes / 2**20:.2f} MiB of codes for "
                 f"{g.last_full_bytes / 2**20:.2f} MiB ({g.last_full_bytes / max(g.last_code_bytes, 1):.1f}x less)"
             )

@@ -10,7 +10,7 @@ autograd asks for the tensor. The sign of every value survives exactly, so the m
 friends compute from their saved tensor are exact; zeros decode to ``-1e-20``-small values. The forward never
 sees a code: it stays exact. The argmax an ``nn.MaxPool2d`` saves (int64) is kept as its uint8 position inside
 the window, decoded exactly. An op that reads its saved tensor only for a weight gradient, a norm's variance
-term or a sign (``_COARSE``) gets a ``bits``-bit code; any other gets an 8-bit one (see ``_COARSE``).
+term or a sign (``COARSE``) gets a ``bits``-bit code; any other gets an 8-bit one (see ``COARSE``).
 
 Never coded: parameters and buffers (and views of them), the forward's own inputs, integer, bool and float64
 tensors, tensor subclasses, tensors of fewer than ``MIN_NUMEL`` elements or fewer than
@@ -140,7 +140,7 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False) -> 
 # compounds with depth: such tensors are coded at 8 bits. Measured on mobilenet_v3_small (4 bits, 8 samples of
 # 64x64, conv weight gradient error median / max): every tensor at 4 bits 0.293 / 0.403, Hardswish inputs at 8 bits
 # 0.187 / 0.332, all but the convolutions' inputs at 8 bits 0.160 / 0.267 (units alone: 0.096).
-_COARSE = (
+COARSE = (
     torch.nn.modules.conv._ConvNd,
     torch.nn.Linear,
     torch.nn.modules.batchnorm._NormBase,
@@ -156,13 +156,13 @@ _COARSE = (
 
 def _saver(frame) -> str:
     """Who saves a tensor, from the Python frames above the hook (``frame`` first): ``"coarse"`` for an op of one
-    of the ``_COARSE`` modules, ``"recompute"`` for torch.utils.checkpoint keeping the inputs it recomputes from
+    of the ``COARSE`` modules, ``"recompute"`` for torch.utils.checkpoint keeping the inputs it recomputes from
     (a recomputation from codes would run an approximate forward), else ``"fine"``. The innermost frame whose
     ``self`` is a module says which module runs."""
     m, _ = _module_of(frame)
     if m is _RECOMPUTE:
         return "recompute"
-    return "coarse" if isinstance(m, _COARSE) and not isinstance(m, torch.fx.GraphModule) else "fine"
+    return "coarse" if isinstance(m, COARSE) and not isinstance(m, torch.fx.GraphModule) else "fine"
 
 
 _RECOMPUTE = object()
@@ -244,6 +244,7 @@ class GenericPath:
         self.last_full_bytes = 0  # bytes the same tensors take as autograd would have kept them
         self.last_tensors = 0
         self.last_fine = 0  # of those, coded at 8 bits (saved by an op whose input gradient reads the value)
+        self.last_reused = 0  # of those, a unit's output: the unit's code serves (no bytes of their own)
         self.skipped: str | None = None  # why the last training forward ran without this path
 
     def forward(self, model: torch.nn.Module, args, kwargs):
@@ -261,24 +262,55 @@ class GenericPath:
         return _Session(self, model, args, kwargs)
 
 
+def offer(out: torch.Tensor, code, backend: str) -> None:
+    """A unit's output and its code (``rewrite.calls.Code``): an op of the open training forward that saves
+    ``out`` as it is gets a reference to this code instead of a code of its own."""
+    s = getattr(_STATE, "session", None)
+    if s is not None and not torch.compiler.is_compiling():
+        s.offered[_key(out)] = (weakref.ref(out), out._version, code, backend)
+
+
+def _key(t: torch.Tensor):
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+@dataclass(eq=False)
+class UnitRef:
+    """A saved tensor that is a unit's output: decoded from the unit's own code."""
+
+    code: object  # rewrite.calls.Code
+    backend: str
+    dtype: torch.dtype
+
+    def decode(self) -> torch.Tensor:
+        from tritonact import backends
+
+        c = self.code
+        return backends.get(self.backend).decode_act(c.data, c.P, c.bits, c.shape, c.perm, c.act, self.dtype)
+
+
 class _Session:
     def __init__(self, path: GenericPath, model, args, kwargs):
         self.path = path
         keep = [*model.parameters(), *model.buffers()]
         keep += [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self.keep = {_storage_key(t) for t in keep}
-        self.cache: dict = {}  # data_ptr -> (weakref to the tensor, its version, Coded): one code per saved tensor
+        self.cache: dict = {}  # _key -> (weakref to the tensor, its version, Coded): one code per saved tensor
+        self.offered: dict = {}  # _key -> (weakref to a unit's output, its version, its Code, backend)
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
 
     def __enter__(self):
         p = self.path
-        p.last_code_bytes = p.last_full_bytes = p.last_tensors = p.last_fine = 0
+        p.last_code_bytes = p.last_full_bytes = p.last_tensors = p.last_fine = p.last_reused = 0
         self.hooks.__enter__()
+        self.prev, _STATE.session = getattr(_STATE, "session", None), self
         return self
 
     def __exit__(self, *exc):
+        _STATE.session = self.prev
         self.hooks.__exit__(*exc)
         self.cache.clear()
+        self.offered.clear()
         return False
 
     def _big(self, t) -> bool:
@@ -312,11 +344,19 @@ class _Session:
         if saver is None or saver == "recompute":
             note_saved(t)
             return t
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        key = _key(t)
+        p = self.path
+        unit = self.offered.get(key)
+        if unit is not None and unit[0]() is t and unit[1] == t._version:
+            code, backend = unit[2], unit[3]
+            if saver == "coarse" or code.bits >= 8:  # else: code it at 8 bits below
+                p.last_reused += 1
+                p.last_tensors += 1
+                p.last_full_bytes += t.numel() * t.element_size()
+                return UnitRef(code, backend, t.dtype)
         hit = self.cache.get(key)
         if hit is not None and hit[0]() is t and hit[1] == t._version:
             return hit[2]
-        p = self.path
         if p.bits < 8 and saver == "fine":
             c = encode(t, 8, DEFAULT_WINDOW[8], p.compile)
             p.last_fine += 1
@@ -334,7 +374,7 @@ class _Session:
 def _unpack(c):
     if isinstance(c, PoolIndex):
         return c.decode()  # exact
-    if not isinstance(c, Coded):
+    if not isinstance(c, (Coded, UnitRef)):
         return c
     if torch.is_grad_enabled():  # a backward with create_graph=True: the code is not differentiable
         raise RuntimeError(DOUBLE_BACKWARD_GENERIC)

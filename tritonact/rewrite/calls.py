@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tritonact import backends
+from tritonact import backends, saved
 from tritonact import reference as ref
-from tritonact.config import MIN_VALUES, ApproxConfig
+from tritonact.config import DEFAULT_WINDOW, MIN_VALUES, ApproxConfig
 from tritonact.ops.bn_act import BNActFn, direct
 from tritonact.ops.coded import ConvFn, MaxPoolFn
 from tritonact.quant import memory_order
@@ -83,8 +83,10 @@ class Unit(nn.Module):
             rc = (res_code.data, res_code.P, res_code.local, res_code.shape, res_code.perm, res_code.pool, res_code.act)
         else:
             rc = (None, None, None, [], [], [], "none")
+        bits = spec.bits or self.bits
+        window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
         args = (
-            y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, self.bits, spec.act, self.window,
+            y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
             self.pf, spec.store_xh and residual is not None, self.naive, backend,
         )  # fmt: skip
         if direct():
@@ -98,7 +100,9 @@ class Unit(nn.Module):
         if not torch.compiler.is_compiling():
             spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes
             spec.last_full_bytes = y.numel() * y.element_size()
-        return out, Code(data, P, None, list(y.shape), perm, self.bits, spec.act, [])
+        code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [])
+        saved.offer(out, code, backend)
+        return out, code
 
     def _ring_slot(self, y, residual):
         if self.ring is None or self.slot is None or torch.compiler.is_compiling():

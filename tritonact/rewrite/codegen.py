@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
 
@@ -59,6 +60,20 @@ def _ring_plan(gm: fx.GraphModule, plan: Plan) -> RingPlan:
     return schedule(steps, last, plan, dict(gm.named_modules()))
 
 
+_OUT_OF_PLACE = {nn.SiLU: F.silu, nn.Hardswish: F.hardswish, nn.Hardsigmoid: F.hardsigmoid, nn.Mish: F.mish}
+
+
+def _out_of_place(node: fx.Node, plan: Plan, modules):
+    """The functional, out-of-place form of an in-place activation module that is a unit output's only reader."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    m, x = modules.get(node.target), node.args[0]
+    f = _OUT_OF_PLACE.get(type(m))
+    if f is None or not getattr(m, "inplace", False) or x not in plan.units or len(x.users) != 1:
+        return None
+    return None if (m._forward_hooks or m._forward_pre_hooks) else f
+
+
 def _fetch(root: nn.Module, target: str):
     obj = root
     for part in target.split("."):
@@ -100,6 +115,10 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
         elif node in plan.pools:
             x = node.args[0]
             split(node, call(CodedPool(plan.pools[node], plan.backend), node.target, "pool", (env[x], codes.get(x))))
+        elif (f := _out_of_place(node, plan, modules)) is not None:
+            # an in-place activation on a unit's output saves a copy of its input (autograd clones what it
+            # overwrites); out of place it saves the output itself, whose code the unit already stored
+            env[node] = graph.call_function(f, (env[node.args[0]],))
         else:
             if node.op == "get_attr":  # a parameter, buffer or constant the forward reads: the same object
                 modules[node.target] = _fetch(gm, node.target)

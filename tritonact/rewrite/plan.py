@@ -114,6 +114,7 @@ class UnitSpec:
     has_residual: bool
     backend: str = "torch"  # the backend it was converted for (tritonact.backends)
     store_xh: bool = False  # residual join whose BN value is stored as a second code (some |gamma| ~ 0 now)
+    bits: int | None = None  # its code width where it differs from the context's (see make_plan)
     covers: tuple[str, ...] = ()
     last_code_bytes: int = field(default=0, repr=False)  # of the last eager training forward
     last_full_bytes: int = field(default=0, repr=False)
@@ -246,8 +247,24 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                     coded.add(node)
             elif src_coded:
                 plan.exact.append((name, why + "; saves its full-precision input"))
+    if cfg.generic and not cfg.naive and cfg.bits < 8:
+        # A unit output read by an op whose input gradient reads the value (a SiLU, a Hardswish, a gate multiply)
+        # is coded at 8 bits; the generic path then keeps that one code for the op too, instead of a second one.
+        for final, (spec, _, _) in plan.units.items():
+            if any(_reads_for_gradient(u, final, plan, modules) for u in final.users):
+                spec.bits = 8
     decide_joins([spec for spec, _, _ in plan.units.values()])
     return plan
+
+
+def _reads_for_gradient(user: fx.Node, node: fx.Node, plan, modules) -> bool:
+    from tritonact.ring import reader_is_safe
+    from tritonact.saved import COARSE
+
+    why = reader_is_safe(user, node, plan, modules)
+    if why is None or not why.startswith("read by"):
+        return False
+    return not (user.op == "call_module" and isinstance(modules[user.target], COARSE))
 
 
 def _describe(node: fx.Node, prefix: str) -> str:
