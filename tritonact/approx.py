@@ -184,7 +184,8 @@ class approximate:
             return
         plan = make_plan(gm, self.config, backend, prefix)
         rep = self._report
-        rep.exact += kept_in_full(gm, plan)
+        if self._generic is None:  # else the generic path codes them where they are saved
+            rep.exact += kept_in_full(gm, plan)
         rep.units += [spec for spec, _, _ in plan.units.values()]
         rep.coded_convs += [prefix + n.target for n in plan.convs]
         rep.coded_pools += [prefix + n.target for n in plan.pools]

@@ -59,7 +59,7 @@ class Unit(nn.Module):
             or y.numel() < MIN_VALUES * y.shape[1]  # few values per channel (MIN_VALUES)
             or (residual is not None and residual.shape != y.shape)
         ):
-            z = bn(y)
+            z = nn.BatchNorm2d.forward(bn, y)  # BatchNorm2d's own math (a BatchNormAct2d's act runs after the unit)
             if residual is not None:
                 z = z + residual
             if bn.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():

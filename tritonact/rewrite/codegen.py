@@ -109,6 +109,11 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
             slot = ring_plan.slot_of.get(node) if ring_plan is not None else None
             args = (env[y],) if res is None else (env[y], env[res], codes.get(res))
             split(node, call(Unit(spec, config, ring, slot), spec.name, "unit", args))
+            if spec.post is not None:  # a norm-plus-activation module's activation; its output has no code
+                f = _OUT_OF_PLACE.get(type(spec.post)) if getattr(spec.post, "inplace", False) else None
+                post = graph.call_function(f, (env[node],)) if f else call(spec.post, spec.name, "act", (env[node],))
+                env[node] = post
+                del codes[node]
         elif node in plan.convs:
             x = node.args[0]
             env[node] = call(CodedConv(plan.convs[node], plan.backend), node.target, "conv", (env[x], codes.get(x)))

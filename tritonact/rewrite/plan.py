@@ -91,6 +91,21 @@ def act_kind(node: fx.Node, modules: dict) -> str | None:
     return None
 
 
+_NORM_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: "none"}
+
+
+def is_norm_act(m: nn.Module) -> bool:
+    """Whether ``m`` is a norm-plus-activation module of the kind timm builds its models from (``BatchNormAct2d``:
+    a ``BatchNorm2d`` whose forward is BatchNorm2d's, then ``self.drop``, then ``self.act``), with no drop."""
+    return (
+        isinstance(m, nn.BatchNorm2d)
+        and type(m).__name__ == "BatchNormAct2d"
+        and isinstance(getattr(m, "drop", None), nn.Identity)
+        and isinstance(getattr(m, "act", None), nn.Module)
+        and not has_hooks(m.act)
+    )
+
+
 def add_operands(node: fx.Node) -> tuple | None:
     """The two tensor operands of a plain ``a + b`` node, else None."""
     is_add = (node.op == "call_function" and node.target in _ADD_FUNCS) or (
@@ -115,6 +130,7 @@ class UnitSpec:
     backend: str = "torch"  # the backend it was converted for (tritonact.backends)
     store_xh: bool = False  # residual join whose BN value is stored as a second code (some |gamma| ~ 0 now)
     bits: int | None = None  # its code width where it differs from the context's (see make_plan)
+    post: nn.Module | None = None  # a norm-plus-activation module's activation, called on the unit's output
     covers: tuple[str, ...] = ()
     last_code_bytes: int = field(default=0, repr=False)  # of the last eager training forward
     last_full_bytes: int = field(default=0, repr=False)
@@ -183,16 +199,23 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
         m = modules[node.target]
         name = prefix + node.target
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if type(m) is not nn.BatchNorm2d:
-                plan.exact.append((name, f"{type(m).__name__} is not covered (only BatchNorm2d)"))
+            norm_act = is_norm_act(m)
+            if type(m) is not nn.BatchNorm2d and not norm_act:
+                plan.exact.append((name, f"{type(m).__name__} is not covered (BatchNorm2d and BatchNormAct2d are)"))
                 continue
             if has_hooks(m):
-                plan.exact.append((name, "BatchNorm2d has user hooks"))
+                plan.exact.append((name, f"{type(m).__name__} has user hooks"))
                 continue
             if node in claimed:
                 continue
-            final, act, residual, covers = node, "none", None, [name]
+            final, act, residual, covers, post = node, "none", None, [name], None
             users = list(node.users)
+            if norm_act:  # its activation runs inside the module: in the unit, or as a call on the unit's output
+                act = _NORM_ACTS.get(type(m.act))
+                if act is None:
+                    act, post = "none", m.act
+                covers.append(f"{name}.act ({type(m.act).__name__})")
+                users = []
             if len(users) == 1:
                 u = users[0]
                 k = act_kind(u, modules)
@@ -221,10 +244,12 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                 has_residual=residual is not None,
                 backend=backend,
                 covers=tuple(covers),
+                post=post,
             )
             plan.units[final] = (spec, node.args[0], residual)
             claimed.update({node, final})
-            coded.add(final)
+            if post is None:  # else its output is post(unit output), which no code describes
+                coded.add(final)
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
@@ -248,10 +273,13 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
             elif src_coded:
                 plan.exact.append((name, why + "; saves its full-precision input"))
     if cfg.generic and not cfg.naive and cfg.bits < 8:
+        from tritonact.saved import COARSE
+
         # A unit output read by an op whose input gradient reads the value (a SiLU, a Hardswish, a gate multiply)
         # is coded at 8 bits; the generic path then keeps that one code for the op too, instead of a second one.
         for final, (spec, _, _) in plan.units.items():
-            if any(_reads_for_gradient(u, final, plan, modules) for u in final.users):
+            post_fine = spec.post is not None and not isinstance(spec.post, COARSE)
+            if post_fine or any(_reads_for_gradient(u, final, plan, modules) for u in final.users):
                 spec.bits = 8
     decide_joins([spec for spec, _, _ in plan.units.values()])
     return plan
