@@ -34,6 +34,16 @@ DEFAULT = [
     "timm/resnet50d",
     "timm/seresnext26d_32x4d",
     "timm/efficientnet_b0",
+    "timm/mobilenetv3_large_100",
+    "timm/regnety_008",
+    "timm/cspresnet50",
+    "timm/densenet121",
+    "timm/dpn68",
+    "timm/resnetv2_50",
+    "timm/rexnet_100",
+    "timm/ghostnet_100",
+    "timm/res2net50_26w_4s",
+    "timm/dla34",
 ]
 SIZE = {"inception_v3": 96, "resnet50": 128}
 

@@ -24,9 +24,9 @@ def spy(monkeypatch):
     seen = []
     real = saved.encode
 
-    def encode(x, bits, window, compile=False):
+    def encode(x, bits, window, compile=False, act="relu"):
         seen.append((tuple(x.shape), x.dtype, bits, x.untyped_storage().data_ptr()))
-        return real(x, bits, window, compile)
+        return real(x, bits, window, compile, act)
 
     monkeypatch.setattr(saved, "encode", encode)
     return seen
@@ -299,3 +299,21 @@ def test_timm_batchnormact_units():
     with tritonact.approximate(m, bits=4) as ctx:
         m(torch.randn(2, 3, 64, 64)).sum().backward()
     assert len(ctx.report().units) == 49
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu6_masks_stay_exact_at_6(inplace):
+    """A ReLU6 (not after a BN: no unit) reads its saved tensor for the mask 0 < x < 6: coded with the saturation
+    as its top code, the mask is exact at both ends, so the first conv's gradient (the input is never coded) is the
+    exact one bit for bit. Before, saturated values decoded just below 6 and let their gradient through."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU6(inplace=inplace), nn.Conv2d(16, 4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(20)  # about a third of the values above 6
+    x = torch.randn(4, 3, 20, 20)
+    model(x).square().sum().backward()
+    exact = model[0].weight.grad.clone()
+    model.zero_grad()
+    with tritonact.approximate(model, bits=4):
+        model(x).square().sum().backward()
+    assert torch.equal(model[0].weight.grad, exact)

@@ -292,6 +292,8 @@ def _reads_for_gradient(user: fx.Node, node: fx.Node, plan, modules) -> bool:
     why = reader_is_safe(user, node, plan, modules)
     if why is None or not why.startswith("read by"):
         return False
+    if user.op == "call_module" and isinstance(modules[user.target], nn.Hardtanh):  # codes its own (saturation)
+        return False
     return not (user.op == "call_module" and isinstance(modules[user.target], COARSE))
 
 
