@@ -317,3 +317,28 @@ def test_relu6_masks_stay_exact_at_6(inplace):
     with tritonact.approximate(model, bits=4):
         model(x).square().sum().backward()
     assert torch.equal(model[0].weight.grad, exact)
+
+
+def test_memtracker_agrees_on_mobilenet_v3_small():
+    """PyTorch's MemTracker and tritonact's counter see the same per-sample bytes on a torchvision model where the
+    generic path codes most of what is kept (units at 4 and 8 bits, references to units' codes, generic codes)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    inputs = {n: torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) for n in (4, 8)}
+    with tritonact.approximate(model, bits=4, compile=False):
+        ours = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (4, 8))
+        held = {}
+        for n, x in inputs.items():
+            mt = MemTracker()
+            mt.track_external(model)
+            with mt:
+                out = model(x)
+                snap = mt.get_tracker_snapshot()[torch.device("cpu")]
+            held[n] = {str(k): v for k, v in snap.items()}
+            del out
+    act = next(k for k in held[4] if k.endswith("ACT"))
+    slope = (held[8][act] - held[4][act]) / 4
+    image = inputs[4][0].nbytes  # the first conv saves the image, allocated before the tracker started
+    assert abs(slope + image - ours) <= 0.02 * ours, (slope, image, ours)  # MemTracker rounds to its block size
