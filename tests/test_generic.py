@@ -218,7 +218,8 @@ def test_zeros_decode_to_zero():
         assert torch.equal(d > 0, x > 0)
 
 
-def test_a_unit_output_read_by_a_smooth_activation_is_coded_once_at_8_bits():
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_unit_output_read_by_a_smooth_activation_is_coded_once_at_8_bits(compile):
     """BN -> SiLU(inplace=True) -> conv: the unit codes its output at 8 bits, the SiLU (run out of place: in place,
     autograd would save a clone of its input) keeps a reference to that code, the conv after it a 4-bit code of the
     SiLU's output. The forward is bit for bit the model's."""
@@ -230,7 +231,7 @@ def test_a_unit_output_read_by_a_smooth_activation_is_coded_once_at_8_bits():
     ref_model = copy.deepcopy(model)
     out_e = ref_model(x)
     out_e.square().sum().backward()
-    with tritonact.approximate(model, bits=4) as ctx:
+    with tritonact.approximate(model, bits=4, compile=compile) as ctx:
         out = model(x)
         out.square().sum().backward()
     assert torch.equal(out, out_e)

@@ -294,7 +294,8 @@ class UnitRef:
         from tritonact import backends
 
         c = self.code
-        return backends.get(self.backend).decode_act(c.data, c.P, c.bits, c.shape, c.perm, c.act, self.dtype)
+        be = backends.get(self.backend)
+        return be.decode_act(c.data, c.P, c.bits, tuple(c.shape), tuple(c.perm), c.act, self.dtype)
 
 
 class _Session:
