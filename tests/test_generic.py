@@ -343,3 +343,22 @@ def test_memtracker_agrees_on_mobilenet_v3_small():
     slope = (held[8][act] - held[4][act]) / 4
     image = inputs[4][0].nbytes  # the first conv saves the image, allocated before the tracker started
     assert abs(slope + image - ours) <= 0.02 * ours, (slope, image, ours)  # MemTracker rounds to its block size
+
+
+def test_identity_modules_do_not_split_units():
+    """timm's disabled drop-block (an nn.Identity between a BN and its ReLU) and anti-aliasing placeholder (between
+    the ReLU and the next conv): the BN + ReLU is one unit and the conv reads its code. Before: the BN was a unit
+    without its ReLU and the conv saved its input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Identity(), nn.ReLU(), nn.Identity(),
+        nn.Conv2d(8, 4, 3),
+    )  # fmt: skip
+    x = torch.randn(4, 3, 16, 16)
+    out_e = model(x)
+    with tritonact.approximate(model, bits=4, generic=False) as ctx:
+        out = model(x)
+        out.sum().backward()
+    assert torch.equal(out, out_e)
+    rep = ctx.report()
+    assert [u.act for u in rep.units] == ["relu"] and rep.coded_convs == ["5"], str(rep)

@@ -186,6 +186,7 @@ class Plan:
 
 def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str = "") -> Plan:
     modules = dict(gm.named_modules())
+    _drop_identities(gm, modules)
     plan = Plan(backend=backend)
     coded: set[fx.Node] = set()
     claimed: set[fx.Node] = set()
@@ -283,6 +284,18 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                 spec.bits = 8
     decide_joins([spec for spec, _, _ in plan.units.values()])
     return plan
+
+
+def _drop_identities(gm: fx.GraphModule, modules: dict) -> None:
+    """Remove the calls of ``nn.Identity`` modules (no hooks) from the traced graph: timm puts a disabled drop-block
+    between a BN and its ReLU and an anti-aliasing placeholder before a conv; as calls they would split units."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        m = modules.get(node.target)
+        if type(m) is nn.Identity and not has_hooks(m) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def _reads_for_gradient(user: fx.Node, node: fx.Node, plan, modules) -> bool:
