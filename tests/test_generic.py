@@ -265,7 +265,7 @@ def test_timm_batchnormact_units():
     """timm's BatchNormAct2d (BN, then its drop and act inside the module): a unit, with a ReLU inside the unit and
     a SiLU as a call on its output. Entering changes no buffer; the forward, the loss and the buffer updates are
     the model's; the conv weight gradients are within the 4-bit bounds. timm efficientnet_b0 at 64x64: 0 units and
-    1.00x before, 49 units and 6.63x now (docs/coverage.md)."""
+    1.00x before, 49 units and 6.68x now (docs/coverage.md)."""
     timm = pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
 
