@@ -96,6 +96,11 @@ def test_generic_off_and_report():
         if generic:
             assert "generic path: 3 other saved tensors (0 coded at 8 bits, 0 a unit's code serves)" in text, text
             assert "the generic path codes what autograd saves" in text
+            # kept as they are: the input image (saved by the first conv) and the Linear's input (2 values per
+            # feature: too few for a grid)
+            kept = x.nbytes + 2 * 8 * 16 * 16 * 4
+            assert ctx.report().generic.last_kept_bytes == kept
+            assert f"kept as they are: {kept / 2**20:.2f} MiB" in text, text
         else:
             assert "generic path: off" in text and ctx.report().generic is None
     with pytest.raises(TypeError, match="generic must be True or False, got 1"):

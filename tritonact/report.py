@@ -48,6 +48,12 @@ class ApproxReport:
         """Bytes the same activations take in full precision."""
         return sum(u.last_full_bytes for u in self.units)
 
+    @property
+    def coded_full_bytes(self) -> int:
+        """Full-precision bytes of what the last training forward coded (units that coded, and the generic path)."""
+        units = sum(u.last_full_bytes for u in self.units if u.last_code_bytes < u.last_full_bytes)
+        return units + (self.generic.last_full_bytes if self.generic is not None else 0)
+
     def __str__(self) -> str:
         def n(k, what):
             return f"{k} {what}{'' if k == 1 else 's'}"
@@ -79,13 +85,20 @@ class ApproxReport:
             lines.append("generic path: off")
         elif g.skipped:
             lines.append(f"generic path: not used in the last training forward ({g.skipped})")
-        elif g.last_tensors:
-            lines.append(
-                f"generic path: {g.last_tensors} other saved tensors ({g.last_fine} coded at 8 bits, {g.last_reused} "
-                "a unit's code serves), "
-                f"{g.last_code_bytes / 2**20:.2f} MiB of codes for "
-                f"{g.last_full_bytes / 2**20:.2f} MiB ({g.last_full_bytes / max(g.last_code_bytes, 1):.1f}x less)"
-            )
+        else:
+            if g.last_tensors:
+                lines.append(
+                    f"generic path: {g.last_tensors} other saved tensors ({g.last_fine} coded at 8 bits, "
+                    f"{g.last_reused} a unit's code serves), {g.last_code_bytes / 2**20:.2f} MiB of codes for "
+                    f"{g.last_full_bytes / 2**20:.2f} MiB ({g.last_full_bytes / max(g.last_code_bytes, 1):.1f}x less)"
+                )
+            total = self.coded_full_bytes + g.last_kept_bytes
+            if total:
+                lines.append(
+                    f"activations behind the codes: {self.coded_full_bytes / 2**20:.2f} MiB in full precision; kept "
+                    f"as they are: {g.last_kept_bytes / 2**20:.2f} MiB ({100 * g.last_kept_bytes / total:.1f}% of the "
+                    "two: the forward's inputs, small tensors, what no code covers)"
+                )
         if self.exact:
             lines.append("left exact:")
             lines += [f"  {what}: {why}" for what, why in self.exact]

@@ -253,6 +253,7 @@ class GenericPath:
         self.last_tensors = 0
         self.last_fine = 0  # of those, coded at 8 bits (saved by an op whose input gradient reads the value)
         self.last_reused = 0  # of those, a unit's output: the unit's code serves (no bytes of their own)
+        self.last_kept_bytes = 0  # floating-point tensors saved as they are (inputs, small ones, ...), not parameters
         self.skipped: str | None = None  # why the last training forward ran without this path
 
     def forward(self, model: torch.nn.Module, args, kwargs):
@@ -301,16 +302,17 @@ class UnitRef:
 class _Session:
     def __init__(self, path: GenericPath, model, args, kwargs):
         self.path = path
-        keep = [*model.parameters(), *model.buffers()]
-        keep += [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        self.keep = {_storage_key(t) for t in keep}
+        self.params = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.keep = self.params | {_storage_key(t) for t in inputs}
+        self.kept: set = set()  # storages of floating-point tensors saved as they are (counted once)
         self.cache: dict = {}  # _key -> (weakref to the tensor, its version, Coded): one code per saved tensor
         self.offered: dict = {}  # _key -> (weakref to a unit's output, its version, its Code, backend)
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
 
     def __enter__(self):
         p = self.path
-        p.last_code_bytes = p.last_full_bytes = p.last_tensors = p.last_fine = p.last_reused = 0
+        p.last_code_bytes = p.last_full_bytes = p.last_tensors = p.last_fine = p.last_reused = p.last_kept_bytes = 0
         self.hooks.__enter__()
         self.prev, _STATE.session = getattr(_STATE, "session", None), self
         return self
@@ -320,6 +322,7 @@ class _Session:
         self.hooks.__exit__(*exc)
         self.cache.clear()
         self.offered.clear()
+        self.kept.clear()
         return False
 
     def _big(self, t) -> bool:
@@ -332,6 +335,19 @@ class _Session:
             and not getattr(_STATE, "passthrough", False)
             and _storage_key(t) not in self.keep
         )
+
+    def _count_kept(self, t) -> None:
+        if (
+            isinstance(t, torch.Tensor)
+            and t.dtype.is_floating_point
+            and t.layout == torch.strided
+            and t.device.type != "meta"
+            and not getattr(_STATE, "passthrough", False)  # tritonact's own saves: codes, grids, statistics
+        ):
+            key = _storage_key(t)
+            if key not in self.params and key not in self.kept:
+                self.kept.add(key)
+                self.path.last_kept_bytes += t.untyped_storage().nbytes()
 
     def _codable(self, t) -> bool:
         return t.dtype in _FLOATS and self._big(t) and t.numel() // max(t.shape[1], 1) >= MIN_VALUES
@@ -352,6 +368,7 @@ class _Session:
                 return idx
         if saver in (None, "recompute", "keep"):
             note_saved(t)
+            self._count_kept(t)
             return t
         act = "relu6" if saver == "relu6" else "relu"
         key = (*_key(t), act)
