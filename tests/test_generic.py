@@ -367,3 +367,13 @@ def test_identity_modules_do_not_split_units():
     assert torch.equal(out, out_e)
     rep = ctx.report()
     assert [u.act for u in rep.units] == ["relu"] and rep.coded_convs == ["5"], str(rep)
+
+
+def test_avg_pool_inputs_are_coded_at_bits(spy):
+    """An average pool's backward reads only its saved input's shape: the input gets a `bits`-bit code (densenet121's
+    transitions), not an 8-bit one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.AvgPool2d(2), nn.Conv2d(16, 4, 3))
+    with tritonact.approximate(model, bits=4):
+        model(torch.randn(4, 3, 18, 18)).sum().backward()
+    assert [(s, b) for s, _, b, _ in spy] == [((4, 16, 16, 16), 4), ((4, 16, 8, 8), 4)]

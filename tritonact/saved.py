@@ -152,6 +152,8 @@ COARSE = (
     torch.nn.ReLU,
     torch.nn.LeakyReLU,
     torch.nn.modules.pooling._MaxPoolNd,
+    torch.nn.modules.pooling._AvgPoolNd,  # its backward reads only the saved input's shape
+    torch.nn.modules.pooling._AdaptiveAvgPoolNd,
 )
 # ReLU6 (a Hardtanh from 0 to 6) masks at 6 too: its saved tensor is coded on a grid whose top code is the
 # saturation (decoded as exactly 6), as in a ReLU6 unit. Without it every saturated value decoded just below 6 and
