@@ -133,27 +133,34 @@ def test_other_saved_tensors_hooks_are_respected():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
 
 
+def _memtracker_slope(model, inputs: dict) -> float:
+    """Per-sample slope of the activation bytes MemTracker sees held after a forward, between the two batches of
+    ``inputs`` (batch size -> input)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    held = {}
+    for n, x in inputs.items():
+        mt = MemTracker()
+        mt.track_external(model)
+        with mt:
+            out = model(x)
+            snap = mt.get_tracker_snapshot()[torch.device("cpu")]
+        held[n] = {str(k): v for k, v in snap.items()}
+        del out
+    (n0, a), (n1, b) = held.items()
+    act = next(k for k in a if k.endswith("ACT"))
+    return (b[act] - a[act]) / (n1 - n0)
+
+
 def test_counter_and_memtracker_see_the_codes():
     """SavedTensorCounter (whose hooks the generic path's sit inside) and MemTracker agree on the per-sample slope
     of what a forward keeps; both are several times below exact."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     model = _no_bn_net()
     inputs = {n: torch.randn(n, 3, 16, 16) for n in (16, 32)}
     exact = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (16, 32))
     with tritonact.approximate(model, bits=4):
         ours = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (16, 32))
-        held = {}
-        for n, x in inputs.items():
-            mt = MemTracker()
-            mt.track_external(model)
-            with mt:
-                out = model(x)
-                snap = mt.get_tracker_snapshot()[torch.device("cpu")]
-            held[n] = {str(k): v for k, v in snap.items()}
-            del out
-    act = next(k for k in held[16] if k.endswith("ACT"))
-    slope = (held[32][act] - held[16][act]) / 16
+        slope = _memtracker_slope(model, inputs)
     image = inputs[16][0].nbytes  # conv1 saves the image; it was allocated before the tracker started
     # only MemTracker's rounding of allocations to its block size may differ
     assert abs(slope + image - ours) <= 0.02 * ours, (slope, image, ours)
@@ -328,24 +335,12 @@ def test_relu6_masks_stay_exact_at_6(inplace):
 def test_memtracker_agrees_on_mobilenet_v3_small():
     """PyTorch's MemTracker and tritonact's counter see the same per-sample bytes on a torchvision model where the
     generic path codes most of what is kept (units at 4 and 8 bits, references to units' codes, generic codes)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(num_classes=10)
     inputs = {n: torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) for n in (4, 8)}
     with tritonact.approximate(model, bits=4, compile=False):
         ours = tritonact.activation_bytes_per_sample(model, inputs.__getitem__, (4, 8))
-        held = {}
-        for n, x in inputs.items():
-            mt = MemTracker()
-            mt.track_external(model)
-            with mt:
-                out = model(x)
-                snap = mt.get_tracker_snapshot()[torch.device("cpu")]
-            held[n] = {str(k): v for k, v in snap.items()}
-            del out
-    act = next(k for k in held[4] if k.endswith("ACT"))
-    slope = (held[8][act] - held[4][act]) / 4
+        slope = _memtracker_slope(model, inputs)
     image = inputs[4][0].nbytes  # the first conv saves the image, allocated before the tracker started
     assert abs(slope + image - ours) <= 0.02 * ours, (slope, image, ours)  # MemTracker rounds to its block size
 
