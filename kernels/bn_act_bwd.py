@@ -199,9 +199,11 @@ def _bn_act_bwd_kernel(
         _store(gres_ptr, i, gz, m)
 
 
-def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None):
+def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False):
     """Contract of ``reference.unit_backward_ref``, except that ``g_y`` and ``g_residual`` come in ``g``'s dtype
-    (the dtype autograd wants them in; ``g_residual = g_z`` is exact in it). ``g_gamma``, ``g_beta``: fp32."""
+    (the dtype autograd wants them in; ``g_residual = g_z`` is exact in it). ``g_gamma``, ``g_beta``: fp32.
+    ``inplace``: ``g`` (dense in ``perm``) is overwritten with ``g_y`` (a join's ``g_residual``); each element is
+    read before it is written, by the same program."""
     perm = tuple(perm)
     C = shape[1]
     g3 = _view3(g, perm)
@@ -220,8 +222,8 @@ def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, resid
     M = outer * inner
     coef = torch.stack([gamma * invstd.float(), sum_gz / M, sum_gzxh / M])
     joined = residual is not None or xh_code is not None
-    g_y = _empty(shape, perm, g.dtype, g.device)
-    g_res = _empty(shape, perm, g.dtype, g.device) if joined else None
+    g_res = (g if inplace else _empty(shape, perm, g.dtype, g.device)) if joined else None
+    g_y = g if inplace and not joined else _empty(shape, perm, g.dtype, g.device)
     grid, _, meta = _tiles("bn_bwd", g3, split=False, bits=bits)
     _bn_act_bwd_kernel[grid](
         g_y,

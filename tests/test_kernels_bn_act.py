@@ -383,6 +383,29 @@ def test_backward_layouts_and_dtypes(case, join, device, poison_empty):
     check_backward(case, "relu", join, 4, device)
 
 
+@pytest.mark.parametrize("join", JOINS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=case_id)
+def test_backward_in_place_matches_out_of_place(case, join, poison_empty):
+    # inplace=True: g's buffer becomes g_y (a join's g_residual); every output bit for bit as out of place
+    need("cpu")
+    shape, dtype, cl = case[:3]
+    y, r, gamma, beta, spec, _, got, _ = run_forward(case, "relu", join, 4, "cpu")
+    data, P, invstd, extra = got[1], got[2], got[3], got[4]
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    g = g.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    args = (data, P, 4, tuple(shape), memory_order(y), "relu", gamma, beta, invstd)
+    kw = dict(residual=r if join == "sum" else None, xh_code=extra if join == "sum+xh" else None)
+    want = KB.unit_backward(g, *args, **kw)
+    g_in = g.clone()
+    got = KB.unit_backward(g_in, *args, **kw, inplace=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            exact(a, b)
+    reused = got[3] if join != "bn" else got[0]
+    assert reused.data_ptr() == g_in.data_ptr()
+
+
 @pytest.mark.parametrize("join", ["bn", "sum"])
 def test_backward_expanded_gradient(join, poison_empty):
     need("cpu")

@@ -63,9 +63,12 @@ class Backend:
         memory order; ``gamma``, ``beta`` fp32 ``(C,)``; ``eaf`` the BN's exponential average factor."""
         raise NotImplementedError
 
-    def bn_act_backward(self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code):
+    def bn_act_backward(
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
+    ):
         """``(g_y, g_gamma, g_beta, g_res)`` (``reference.unit_backward_ref``'s contract); ``residual`` the exact
-        residual or None, ``xh_code`` ``(data, P)`` or None, ``res_code`` a :class:`CodeRef` of the residual."""
+        residual or None, ``xh_code`` ``(data, P)`` or None, ``res_code`` a :class:`CodeRef` of the residual;
+        ``inplace``: ``g`` (fp32, dense in ``perm``) may become ``g_y`` (a join's ``g_res``)."""
         raise NotImplementedError
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None) -> torch.Tensor:
@@ -223,10 +226,14 @@ class TorchBackend(Backend):
                     xdata[b0:b1] = ref.encode_ref(xh, xP, bits, "none")
         return data, P, xdata, xP
 
-    def bn_act_backward(self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code):
+    def bn_act_backward(
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
+    ):
         if res_code is not None:  # decoded a few samples at a time, inside the chunked backward
             residual = lambda n0, n1: self.decode(res_code, torch.float32, n0, n1)  # noqa: E731
-        return ref.unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code)
+        return ref.unit_backward_ref(
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace=inplace
+        )
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
         return ref.decode_act_ref(data, P, bits, shape, perm, act, dtype, out=out)
@@ -264,7 +271,9 @@ class CompiledBackend(TorchBackend):
             return super()._codes(y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh)
         return codes
 
-    def bn_act_backward(self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code):
+    def bn_act_backward(
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
+    ):
         from tritonact import compiled
 
         if compiled.layout3(tuple(shape), tuple(perm), bits) is not None:
@@ -283,13 +292,14 @@ class CompiledBackend(TorchBackend):
             elif res_code is not None:
                 residual = self.decode(res_code, torch.float32)
             out = compiled.unit_backward(
-                g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, residual_code=rc
-            )
+                g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, residual_code=rc,
+                inplace=inplace,
+            )  # fmt: skip
             if out is not None:
                 return out
             res_code = None if residual is not None else res_code
         return super().bn_act_backward(
-            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace
         )
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
@@ -353,12 +363,14 @@ class TritonBackend(Backend):
         out, data, xdata = bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits, act, out)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
-    def bn_act_backward(self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code):
+    def bn_act_backward(
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
+    ):
         from tritonact.kernels.bn_act_bwd import unit_backward
 
         if res_code is not None:
             residual = self.decode(res_code, torch.float32)
-        return unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code)
+        return unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace)
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
         from tritonact.kernels.bn_act import decode_act

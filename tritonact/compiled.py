@@ -215,9 +215,11 @@ def _make_decode_act(bits, act, dtype, *_cls):
     return decode_act
 
 
-def _make_backward(bits, act, mode, ract, *_cls):
+def _make_backward(bits, act, mode, ract, inplace, *_cls):
     """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
-    same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code)."""
+    same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code).
+    ``inplace``: ``g_y`` (a join's ``g_z``) is written into ``g3`` (inductor stores into the input's buffer: no
+    activation-sized temporary) and returned as None."""
 
     def unit_backward(g3, d, P, gamma, beta, invstd, r3, xd, xP):
         v, mask = _decode3(d, P, bits, act, g3.shape)
@@ -237,7 +239,13 @@ def _make_backward(bits, act, mode, ract, *_cls):
         sum_gzxh = (g_z * xh).sum(dim=(0, 2))
         M = g3.numel() // gamma.numel()
         g_y = (g_z - _pv(sum_gz / M) - xh * _pv(sum_gzxh / M)) * _pv(gamma * invstd)
-        return g_y, sum_gzxh, sum_gz, (g_z if mode != "plain" else None)
+        if not inplace:
+            return g_y, sum_gzxh, sum_gz, (g_z if mode != "plain" else None)
+        if mode == "plain":
+            g3.copy_(g_y)
+            return None, sum_gzxh, sum_gz, None
+        g3.copy_(g_z)
+        return g_y, sum_gzxh, sum_gz, None
 
     return unit_backward
 
@@ -339,10 +347,12 @@ def decode_act(data, P, bits, shape, perm, act, dtype):
 
 
 def unit_backward(
-    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, residual_code=None
-):
+    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, residual_code=None,
+    inplace=False,
+):  # fmt: skip
     """``reference.unit_backward_ref``, compiled; ``residual_code`` ``(data, P, act)``: the residual given by its
-    code (same shape, layout and bits), decoded inside the loop instead of first into an fp32 tensor."""
+    code (same shape, layout and bits), decoded inside the loop instead of first into an fp32 tensor. ``inplace``
+    as in the reference (``g`` fp32 and dense in ``perm``)."""
     v3 = layout3(tuple(shape), perm, bits)
     if v3 is None:
         return None
@@ -358,11 +368,13 @@ def unit_backward(
         mode = "plain"
     g3 = view3(_dense_like(g, perm), perm, v3)
     args = (g3, _aligned(data), P, gamma, beta, invstd, r3, _aligned(xd) if xd is not None else None, xP)
-    out = _call("backward", (bits, act, mode, ract, *_cls(v3, g, gamma, r3)), *args)
+    out = _call("backward", (bits, act, mode, ract, inplace, *_cls(v3, g, gamma, r3)), *args)
     if out is None:
         return None
-    g_y, g_gamma, g_beta, g_res = out
-    return (unview3(g_y, shape, perm), g_gamma, g_beta, unview3(g_res, shape, perm) if g_res is not None else None)
+    g_y, g_gamma, g_beta, g_res = (unview3(t, shape, perm) if t is not None and t.dim() == 3 else t for t in out)
+    if inplace:  # the graph wrote g_y (a join's g_z) into g
+        g_y, g_res = (g, None) if mode == "plain" else (g_y, g)
+    return g_y, g_gamma, g_beta, g_res
 
 
 def _aligned(data: torch.Tensor) -> torch.Tensor:

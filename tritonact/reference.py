@@ -293,7 +293,9 @@ def bn_backward_ref(g_z: torch.Tensor, xh: torch.Tensor, gamma: torch.Tensor, in
     return g_y, sum_gzxh, sum_gz
 
 
-def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None):
+def unit_backward_ref(
+    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False
+):
     """Backward of one unit from its code (the CPU path; contract of ``kernels.bn_act_bwd.unit_backward``).
 
     Args:
@@ -305,6 +307,8 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
             (decoded from its own code, or exact), any float dtype, or a callable ``(n0, n1) -> tensor`` giving
             it for a range of samples; else None.
         xh_code: for a join that stores the BN value as a second code: ``(data, P)`` of it (act "none").
+        inplace: ``g`` (fp32, dense in ``perm``) may be overwritten: it becomes ``g_y`` (``g_residual = g_z``
+            for a join), so the backward allocates one activation-sized tensor less.
 
     Returns:
         ``(g_y, g_gamma, g_beta, g_residual)`` in fp32; ``g_residual`` is None without a residual.
@@ -313,7 +317,10 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
     sums, once for the input gradient), so its temporaries stay a fraction of the activation's size.
     """
     joined = residual is not None or xh_code is not None
-    g_z_all = torch.empty(g.shape, dtype=torch.float32, device=g.device).as_strided(g.shape, _dense_strides(g))
+    if inplace:
+        g_z_all = g
+    else:
+        g_z_all = torch.empty(g.shape, dtype=torch.float32, device=g.device).as_strided(g.shape, _dense_strides(g))
     g_y = torch.empty_like(g_z_all) if joined else g_z_all  # non-joins compute g_y in place of g_z
     C = shape[1]
     sum_gz = torch.zeros(C, dtype=torch.float32, device=g.device)
@@ -336,7 +343,8 @@ def unit_backward_ref(g, data, P, bits, shape, perm, act, gamma, beta, invstd, r
         sub = (n1 - n0,) + tuple(shape[1:])
         w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act, float_mask=True)
         g_z = g_z_all[n0:n1]
-        g_z.copy_(g[n0:n1])
+        if not inplace:
+            g_z.copy_(g[n0:n1])
         if act != "none":
             g_z.mul_(mask)
         sum_gz += g_z.sum(dim=dims)

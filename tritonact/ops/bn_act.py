@@ -8,6 +8,8 @@ backward op, which computes every gradient from the code.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -177,12 +179,18 @@ def _backward(ctx, g, *_):
     elif ctx.mode == "exact":
         (residual,) = rest
     res_shape, res_perm, res_pool, res_act = ctx.res
-    run = _bn_act_backward if direct() else torch.ops.tritonact.bn_act_backward
-    g_y, g_gamma, g_beta, g_res = run(
-        g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
-        res_pool, res_act, ctx.shape, ctx.perm, ctx.bits, ctx.act, ctx.dtype,
-        ctx.res_dtype if ctx.mode != "plain" else ctx.dtype, backends.effective(ctx.backend),
-    )  # fmt: skip
+    res_dtype = ctx.res_dtype if ctx.mode != "plain" else ctx.dtype
+    backend = backends.effective(ctx.backend)
+    args = (data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
+            res_pool, res_act, ctx.shape, ctx.perm, ctx.bits, ctx.act, ctx.dtype, res_dtype, backend)  # fmt: skip
+    inplace = _sole_owner(g, ctx.perm, (ctx.dtype, res_dtype), backend)
+    if direct():
+        g_y, g_gamma, g_beta, g_res = _bn_act_backward(g, *args, inplace=inplace)
+    elif inplace:
+        g_y, g_gamma, g_beta, g_res = torch.ops.tritonact.bn_act_backward_(g, *args)
+        g_y, g_res = (g, g_res) if ctx.mode == "plain" else (g_y, g)
+    else:
+        g_y, g_gamma, g_beta, g_res = torch.ops.tritonact.bn_act_backward(g, *args)
     need = ctx.needs_input_grad[ctx.first_input :]
     return (
         g_y if need[0] else None,
@@ -250,16 +258,18 @@ def _bn_act_backward(
     dtype: torch.dtype,
     res_dtype: torch.dtype,
     backend: str,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(g_y, g_gamma, g_beta, g_residual)`` of a unit from ``g = dL/d out`` and its code: ``g_y`` in ``dtype``
     and ``g_residual`` in ``res_dtype``, both dense in memory order ``perm``; ``g_gamma``, ``g_beta`` fp32;
-    ``g_residual`` is empty for a unit without a residual add."""
+    ``g_residual`` is empty for a unit without a residual add. ``inplace`` (see :func:`_sole_owner`): ``g`` is
+    overwritten and returned as ``g_y`` (a join: as ``g_residual``)."""
     shape, perm = tuple(shape), tuple(perm)
     gamma, beta = gamma.detach().float(), beta.detach().float()
     xh_code = (xdata, xP) if xdata is not None else None
     res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits)
     g_y, g_gamma, g_beta, g_res = backends.get(backend).bn_act_backward(
-        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code
+        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace
     )
     if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
         g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
@@ -268,7 +278,24 @@ def _bn_act_backward(
     return g_y, g_gamma, g_beta, g_res
 
 
-bn_act_backward = torch.library.custom_op("tritonact::bn_act_backward", _bn_act_backward, mutates_args=())
+def _bn_act_backward_functional(g, *args):
+    return _bn_act_backward(g, *args)
+
+
+def _bn_act_backward_inplace(g, *args):
+    """:func:`_bn_act_backward` writing ``g_y`` (a join: ``g_residual``) into ``g``; that output comes back empty
+    (an op may not return an alias of its input)."""
+    g_y, g_gamma, g_beta, g_res = _bn_act_backward(g, *args, inplace=True)
+    return (_empty0(g) if g_y is g else g_y), g_gamma, g_beta, (_empty0(g) if g_res is g else g_res)
+
+
+# both ops take _bn_act_backward's arguments but ``inplace``
+_SIG = inspect.signature(_bn_act_backward)
+_bn_act_backward_functional.__signature__ = _bn_act_backward_inplace.__signature__ = _SIG.replace(
+    parameters=[p for name, p in _SIG.parameters.items() if name != "inplace"]
+)
+bn_act_backward = torch.library.custom_op("tritonact::bn_act_backward", _bn_act_backward_functional, mutates_args=())
+bn_act_backward_ = torch.library.custom_op("tritonact::bn_act_backward_", _bn_act_backward_inplace, mutates_args=("g",))
 
 
 @bn_act_backward.register_fake
@@ -282,3 +309,35 @@ def _(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res
         g.new_empty(C, dtype=torch.float32),
         ref.empty_in(shape, perm, res_dtype, g.device) if joined else g.new_empty(0, dtype=res_dtype),
     )
+
+
+@bn_act_backward_.register_fake
+def _(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
+      res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend):  # fmt: skip
+    C = shape[1]
+    joined = residual is not None or res_data is not None or xdata is not None
+    return (
+        ref.empty_in(shape, perm, dtype, g.device) if joined else g.new_empty(0, dtype=dtype),
+        g.new_empty(C, dtype=torch.float32),
+        g.new_empty(C, dtype=torch.float32),
+        g.new_empty(0, dtype=res_dtype),
+    )
+
+
+def _sole_owner(g: Tensor, perm, dtypes, backend: str) -> bool:
+    """Whether the unit's backward may overwrite the gradient it is given (InPlace-ABN's trick: one activation-sized
+    tensor less at the backward's peak). Autograd's own test for accumulating a gradient in place
+    (``can_accumulate_inplace`` in torch/csrc/autograd/input_buffer.cpp): a plain tensor, dense, held by this call
+    only, sharing its storage with nothing; and here also in the memory order and dtype the outputs have (fp32 for
+    the CPU paths, whose sums run in fp32). Never while ``torch.compile`` traces (its own planner reuses buffers)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; present in torch 2.1-2.14
+    if use_count is None or not hasattr(g, "_use_count") or torch.compiler.is_compiling():
+        return False
+    if type(g) is not torch.Tensor or g.requires_grad or any(d != g.dtype for d in dtypes):
+        return False
+    if backend != "triton" and g.dtype != torch.float32:
+        return False
+    if not g.permute(tuple(perm)).is_contiguous():
+        return False
+    storage = g.untyped_storage()
+    return g._use_count() == 1 and use_count(storage._cdata) == 2  # g, and the handle `storage` held here

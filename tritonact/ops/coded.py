@@ -109,20 +109,42 @@ def _conv_backward(ctx, g):
         return (None,) * 16
     _no_double_backward()
     weight, data, P, *loc = ctx.saved_tensors
+    local = loc[0] if loc else None
     code_shape, code_perm, bits, act, pool, be = ctx.code
-    dt = ctx.dtype
-    code = (data, P, loc[0] if loc else None, code_shape, code_perm, bits, act, pool)
-    a = (_decode if direct() else torch.ops.tritonact.decode)(*code, dt, backends.effective(be))
+    dt, w = ctx.dtype, weight.to(ctx.dtype)
     stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
-    gi, gw, gb = torch.ops.aten.convolution_backward(
-        g.to(dt), a, weight.to(dt), ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-        [need[0], need[1], ctx.bias_sizes is not None and need[2]],
-    )  # fmt: skip
+    want_b = ctx.bias_sizes is not None and need[2]
+
+    def backward(g, x, mask):
+        return torch.ops.aten.convolution_backward(
+            g, x, w, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
+        )
+
+    decode_op = _decode if direct() else torch.ops.tritonact.decode
+    be = backends.effective(be)
+    chunks = list(ref.sample_chunks(code_shape, code_perm, bits))
+    g = g.to(dt)
+    if len(chunks) == 1:
+        a = decode_op(data, P, local, code_shape, code_perm, bits, act, pool, dt, be)
+        gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
+    else:  # the decoded input lives a few samples at a time: the weight gradient is summed over sample chunks
+        gi = gw = gb = None
+        if need[0]:  # the input gradient needs the input's shape only (as torch.nn.grad.conv2d_input does)
+            x_shape = local.shape if local is not None else code_shape
+            gi = backward(g, g.new_empty(()).expand(x_shape), [True, False, False])[0]
+        for n0, n1, b0, b1 in chunks if need[1] or want_b else ():
+            sub = [n1 - n0, *code_shape[1:]]
+            part = local[n0:n1] if local is not None else None
+            a = decode_op(data[b0:b1], P, part, sub, code_perm, bits, act, pool, dt, be)
+            _, gw_c, gb_c = backward(g[n0:n1], a, [False, need[1], want_b])
+            del a
+            gw = gw_c if gw is None else gw.add_(gw_c)
+            gb = gb_c if gb is None else gb.add_(gb_c)
     return (
         gi.to(ctx.x_dtype) if gi is not None else None,
         gw.to(weight.dtype) if gw is not None else None,
-        gb if ctx.bias_sizes is not None and need[2] else None,
+        gb if want_b else None,
         *([None] * 13),
     )
 

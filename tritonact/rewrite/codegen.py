@@ -90,12 +90,12 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
     env: dict[fx.Node, fx.Node] = {}
     codes: dict[fx.Node, fx.Node] = {}
 
-    def call(module: nn.Module, label: str, kind: str, args) -> fx.Node:
+    def call(module: nn.Module, label: str, kind: str, args, kwargs=None) -> fx.Node:
         name = f"tritonact_{kind}_{label.replace('.', '_')}"  # e.g. tritonact_unit_layer1_0_bn1
         while name in modules:
             name += "_"
         modules[name] = module
-        return graph.call_module(name, args)
+        return graph.call_module(name, args, kwargs)
 
     def split(node: fx.Node, result: fx.Node) -> None:
         env[node] = graph.call_function(operator.getitem, (result, 0))
@@ -107,8 +107,11 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
         if node in plan.units:
             spec, y, res = plan.units[node]
             slot = ring_plan.slot_of.get(node) if ring_plan is not None else None
-            args = (env[y],) if res is None else (env[y], env[res], codes.get(res))
-            split(node, call(Unit(spec, config, ring, slot), spec.name, "unit", args))
+            # A join's residual goes by keyword: module-level tools that watch a call's positional tensor inputs
+            # (MemTracker's ModTracker) would otherwise hold y's gradient until the residual's arrives, i.e. through
+            # the whole block's backward, an activation-sized tensor that an untracked step never keeps.
+            kwargs = None if res is None else {"residual": env[res], "res_code": codes.get(res)}
+            split(node, call(Unit(spec, config, ring, slot), spec.name, "unit", (env[y],), kwargs))
             if spec.post is not None:  # a norm-plus-activation module's activation; its output has no code
                 f = _OUT_OF_PLACE.get(type(spec.post)) if getattr(spec.post, "inplace", False) else None
                 post = graph.call_function(f, (env[node],)) if f else call(spec.post, spec.name, "act", (env[node],))
