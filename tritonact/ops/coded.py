@@ -130,9 +130,12 @@ def _conv_backward(ctx, g):
         gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
     else:  # the decoded input lives a few samples at a time: the weight gradient is summed over sample chunks
         gi = gw = gb = None
-        if need[0]:  # the input gradient needs the input's shape only (as torch.nn.grad.conv2d_input does)
+        if need[0]:  # needs no input: the transposed convolution (convolution_backward would copy a placeholder)
             x_shape = local.shape if local is not None else code_shape
-            gi = backward(g, g.new_empty(()).expand(x_shape), [True, False, False])[0]
+            least = [(g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + 1
+                     for i in (0, 1)]  # fmt: skip
+            pad = [x_shape[2 + i] - least[i] for i in (0, 1)]
+            gi = F.conv_transpose2d(g, w, None, stride, padding, pad, groups, dilation)
         for n0, n1, b0, b1 in chunks if need[1] or want_b else ():
             sub = [n1 - n0, *code_shape[1:]]
             part = local[n0:n1] if local is not None else None
