@@ -198,3 +198,29 @@ def test_join_takes_its_residual_by_keyword():
         ((_, gm),) = ctx.report().graph_modules
     calls = [line for line in gm.code.splitlines() if "tritonact_unit_layer1_0_bn2(" in line]
     assert calls and all("residual = " in line for line in calls), calls
+
+
+@pytest.mark.parametrize("join", [False, True], ids=["bn", "join"])
+def test_in_place_backward_op_passes_opcheck(join):
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, 4, 4)
+    r = torch.randn(2, 5, 4, 4) if join else None
+    bn = nn.BatchNorm2d(5)
+    no_res = (None, None, None, [], [], [], "none")
+    out, data, P, invstd = torch.ops.tritonact.bn_act(
+        y, bn.weight, bn.bias, r, None, None, None, 0.1, bn.eps, *no_res, 4, "relu", 3.5, 0.75, False, False, "torch"
+    )[:4]
+    g = torch.randn_like(out)
+    gamma, beta = bn.weight.detach(), bn.bias.detach()
+    args = (g, data, P, gamma, beta, invstd, None, None, r, *no_res[:6], "none", list(y.shape), [0, 1, 2, 3], 4,
+            "relu", torch.float32, torch.float32, "torch")  # fmt: skip
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # a backward: no grad of its own
+    torch.library.opcheck(torch.ops.tritonact.bn_act_backward_.default, args)
+    want = torch.ops.tritonact.bn_act_backward(*args)
+    g_in = g.clone()
+    got = torch.ops.tritonact.bn_act_backward_(g_in, *args[1:])
+    reused = 3 if join else 0
+    assert got[reused].numel() == 0 and torch.equal(g_in, want[reused])
+    for i in range(4):
+        if i != reused:
+            assert torch.equal(got[i], want[i])
