@@ -1,6 +1,6 @@
 """Peak memory of one training step vs batch size, by training mode (writes the peak table of docs/memory.md).
 
-    python perf/memory_table.py [--batches 4 8 16 32] [--size 128] [--model resnet50]
+    python -m perf.memory_table [--batches 4 8 16 32] [--size 128] [--model resnet50]
                                 [--modes exact 8bit 4bit 2bit checkpoint 4bit-ring]
 
 Modes: ``exact``; ``8bit`` / ``4bit`` / ``2bit`` (``tritonact.approximate``); ``checkpoint`` (each of layer1..layer4

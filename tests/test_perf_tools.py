@@ -170,3 +170,15 @@ def test_max_batch_cpu_reports_both_modes(capsys):
     rows = {ln.split("|")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")}
     exact, four = (int(rows[m].split("|")[2]) for m in ("exact", "4bit"))
     assert exact >= 8 and four >= 8, rows
+
+
+def test_memory_table_reports_slopes_by_mode(capsys):
+    """perf/memory_table.py on resnet18 at 64x64, batches 4 and 8: a row per batch, the slope row, and the ratio
+    row, where 4-bit training's peak grows slower than exact's (the peak at these sizes: ~3x less per sample)."""
+    from perf import memory_table
+
+    memory_table.main(["--model", "resnet18", "--size", "64", "--batches", "4", "8", "--modes", "exact", "4bit"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[2:4]] == ["4", "8"], rows
+    ratio = rows[-1].split("|")
+    assert ratio[1].strip() == "exact / mode" and ratio[2].strip() == "1.00x" and float(ratio[3].strip()[:-1]) > 2
