@@ -35,7 +35,7 @@ class approximate:
         bits: 2, 4 or 8.
         naive: quantize inside the forward pass instead (a baseline whose error compounds with depth).
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA tensors, torch on CPU).
-        window, positive_fraction, ring, compile, generic: see :class:`tritonact.ApproxConfig`.
+        window, positive_fraction, ring, compile, generic, join_codes: see :class:`tritonact.ApproxConfig`.
 
     Example::
 
@@ -58,6 +58,7 @@ class approximate:
         ring: bool | None = None,
         compile: bool | None = None,
         generic: bool | None = None,
+        join_codes: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -65,7 +66,7 @@ class approximate:
             k: v
             for k, v in dict(bits=bits, naive=naive, backend=backend, window=window,
                              positive_fraction=positive_fraction, ring=ring, compile=compile,
-                             generic=generic).items()
+                             generic=generic, join_codes=join_codes).items()
             if v is not None
         }  # fmt: skip
         if config is not None:

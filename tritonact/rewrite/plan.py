@@ -129,6 +129,7 @@ class UnitSpec:
     has_residual: bool
     backend: str = "torch"  # the backend it was converted for (tritonact.backends)
     store_xh: bool = False  # residual join whose BN value is stored as a second code (some |gamma| ~ 0 now)
+    two_codes: bool = False  # a residual join that always stores the second code (ApproxConfig.join_codes=2)
     bits: int | None = None  # its code width where it differs from the context's (see make_plan)
     post: nn.Module | None = None  # a norm-plus-activation module's activation, called on the unit's output
     covers: tuple[str, ...] = ()
@@ -138,8 +139,11 @@ class UnitSpec:
 
 def decide_joins(specs: list) -> None:
     """Set ``store_xh`` of every residual-join unit in ``specs`` from its BN's current gamma: one small reduction per
-    join and one host read for all of them."""
-    joins = [s for s in specs if s.has_residual and s.bn.weight is not None]
+    join and one host read for all of them (joins with ``two_codes`` store it always)."""
+    for s in specs:
+        if s.two_codes:
+            s.store_xh = True
+    joins = [s for s in specs if s.has_residual and s.bn.weight is not None and not s.two_codes]
     if not joins:
         return
     with torch.no_grad():
@@ -244,6 +248,7 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                 act=act,
                 has_residual=residual is not None,
                 backend=backend,
+                two_codes=residual is not None and cfg.join_codes == 2,
                 covers=tuple(covers),
                 post=post,
             )
