@@ -141,7 +141,7 @@ class approximate:
                 break
         else:
             ring = self.config.ring
-            on = ring is True or (ring is None and _model_device(self.model).type == "cuda")
+            on = ring is True  # None (the default): off, see ApproxConfig.ring
             self._report = ApproxReport(bits=self.config.bits, ring_on=on)
             self._rewritten = self._report.rewritten
             self._report.generic = self._generic

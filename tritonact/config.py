@@ -45,9 +45,10 @@ class ApproxConfig:
             the lower end no level would be left above the threshold); default
             ``DEFAULT_POSITIVE_FRACTION`` (0.75). Where a channel has values on both sides of the threshold,
             ``max(1, round(2**bits * (1 - positive_fraction)))`` levels code the values below it.
-        ring: keep full-precision activations in a ring of shared buffers (docs/memory.md). ``None`` (default):
-            on for CUDA tensors, off on CPU, where the allocator hands freed memory straight back and a resident
-            ring only adds to the peak (measured in docs/memory.md). Results are bitwise identical either way.
+        ring: keep full-precision activations in a ring of shared buffers (docs/memory.md). ``None`` (default)
+            and ``False``: off. Its slots stay allocated between steps while the peak of a step is set in the
+            backward pass, so the ring adds its slots to the peak (measured on CPU, docs/memory.md; not yet on a
+            GPU). Results are bitwise identical either way.
         compile: run the CPU path's per-unit work compiled by TorchInductor's C++ backend (one or two graphs per
             kind of unit, a few seconds each; the C++ is cached on disk by torch) instead of eager op by op. ``None``
             (default): on, unless the environment sets ``TRITONACT_COMPILE=0``. Same codes as eager (bit for bit

@@ -20,7 +20,7 @@ class ApproxReport:
     exact: list = field(default_factory=list)  # (what, why)
     ring_kept_out: list = field(default_factory=list)  # (unit, why its output is not in the ring)
     rewritten: list = field(default_factory=list, repr=False)  # (prefix, Rewritten)
-    ring_on: bool = False  # the ring is used at run time (ring=True, or the default on CUDA)
+    ring_on: bool = False  # the ring is used at run time (ring=True)
     generic: object = field(default=None, repr=False)  # the context's saved.GenericPath (None: off)
 
     @property
@@ -73,7 +73,7 @@ class ApproxReport:
             lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
         planned = any(r.ring_plan is not None for _, r in self.rewritten)
         if planned and not self.ring_on:
-            lines.append(f"ring: off on CPU by default ({self.ring_slots} slots planned; ApproxConfig(ring=True))")
+            lines.append(f"ring: off by default ({self.ring_slots} slots planned; ApproxConfig(ring=True))")
         elif planned:
             lines.append(f"ring: {self.ring_slots} slots, {self.ring_bytes / 2**20:.2f} MiB held")
             for what, why in self.ring_kept_out:
