@@ -107,7 +107,7 @@ class Unit(nn.Module):
     def _ring_slot(self, y, residual):
         if self.ring is None or self.slot is None or torch.compiler.is_compiling():
             return None
-        if self.use_ring is None and y.device.type != "cuda":  # default: the ring on CUDA only
+        if self.use_ring is not True:  # on only when asked for (ApproxConfig.ring)
             return None
         dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
         return self.ring.like(self.slot, y, dtype)
