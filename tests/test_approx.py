@@ -532,7 +532,7 @@ def test_join_codes_two_stores_the_bn_value_at_every_join_and_lowers_the_error()
 
     from tritonact import fidelity
 
-    for bad in (0, 3, True, "2"):
+    for bad in (0, 3, True, "2", "Auto"):
         with pytest.raises(ValueError, match="join_codes"):
             tritonact.ApproxConfig(join_codes=bad)
     torch.manual_seed(0)
@@ -549,3 +549,43 @@ def test_join_codes_two_stores_the_bn_value_at_every_join_and_lowers_the_error()
         assert len(joins) == 8 and all(u.store_xh == (k == 2) for u in joins), [u.store_xh for u in joins]
     assert med[2] < med[1] - 0.004, med
     assert nbytes[2] > 1.2 * nbytes[1], nbytes
+
+
+def test_join_codes_auto_adds_the_second_code_where_the_residual_stream_has_grown():
+    """join_codes="auto" (the default): from the second training forward on, a join whose sum spreads beyond
+    JOIN_MAX_SPREAD times its BN value's window also codes the BN value. A ResNet with 12 blocks in layer3: the
+    stream's spread grows with every identity join, so the deep joins get the second code (and the gradient error
+    drops); resnet18's joins stay below it (bit-identical gradients to join_codes=1)."""
+    import statistics
+
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from tritonact import fidelity
+
+    def run(model, x, y, jc):
+        m = copy.deepcopy(model)
+        with tritonact.approximate(m, bits=4, compile=False, join_codes=jc) as ctx:
+            m(x)  # the first training forward: the rule decides from its grids
+            loss = F.cross_entropy(m(x), y)
+            joins = [s for _, rw in ctx._rewritten for s in rw.specs if s.has_residual]
+            second = [s.name for s in joins if s.store_xh]
+            loss.backward()
+        grads = {n + ".weight": c.weight.grad for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
+        return grads, second
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    shallow = torchvision.models.resnet18(num_classes=10)
+    g_auto, second = run(shallow, x, y, "auto")
+    g_one, _ = run(shallow, x, y, 1)
+    assert second == [] and all(torch.equal(g_auto[k], g_one[k]) for k in g_one)
+
+    deep = ResNet(Bottleneck, [1, 1, 12, 1], num_classes=10)
+    exact = fidelity.exact_run(deep, x, y)
+    med = {}
+    for jc in (1, "auto"):
+        grads, second = run(deep, x, y, jc)
+        med[jc] = statistics.median(fidelity.rel_l2(grads[k], g) for k, g in exact.grads.items())
+        if jc == "auto":
+            assert second and all(name.startswith("layer3.") for name in second), second
+    assert med["auto"] < med[1] - 0.005, med

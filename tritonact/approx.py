@@ -58,7 +58,7 @@ class approximate:
         ring: bool | None = None,
         compile: bool | None = None,
         generic: bool | None = None,
-        join_codes: int | None = None,
+        join_codes: int | str | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

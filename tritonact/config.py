@@ -57,12 +57,14 @@ class ApproxConfig:
             autograd saves inside the model in a training forward (SiLU, GELU, Hardswish inputs, squeeze-excitation
             operands, LayerNorm and Linear inputs, BatchNorms that are not units) is kept as a ``bits``-bit
             per-channel code. Default True. Eager forwards only (not inside ``torch.compile``).
-        join_codes: codes per residual join (BN + add + activation). ``1`` (default): the code of the sum, from
-            which the BN's normalized value is recovered for its variance term (and a second code only where some
-            ``|gamma|`` is below ``JOIN_MIN_GAMMA``); ``2``: every join also codes the BN's normalized value. The
-            recovery's error grows with the residual stream's magnitude, i.e. with depth: measured at 4 bits
-            (docs/method.md), resnet152's conv gradient median error 0.197 -> 0.128, resnet50's 0.127 -> 0.114,
-            for 13.5x -> 9.4x less activation memory on resnet50.
+        join_codes: codes per residual join (BN + add + activation). ``1``: the code of the sum, from which the
+            BN's normalized value is recovered for its variance term (and a second code only where some ``|gamma|``
+            is below ``JOIN_MIN_GAMMA``); ``2``: every join also codes the BN's normalized value; ``"auto"``
+            (default): as ``1``, plus the second code at each join whose sum spreads so far beyond its BN's own
+            output that the recovery would cost more than ``JOIN_MAX_SPREAD`` times a direct code's error
+            (decided before every training forward from the previous one's grid; the residual stream grows with
+            depth). Measured at 4 bits (docs/method.md section 3): resnet152's conv gradient median error 0.197
+            (1) / 0.142 ("auto", 28 of 50 joins) / 0.128 (2); resnet18 and resnet50 at init: "auto" adds none.
     """
 
     bits: int = 4
@@ -73,7 +75,7 @@ class ApproxConfig:
     ring: bool | None = None
     compile: bool | None = None
     generic: bool = True
-    join_codes: int = 1
+    join_codes: int | str = "auto"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
@@ -101,8 +103,8 @@ class ApproxConfig:
             raise TypeError(f"compile must be True, False or None, got {self.compile!r}")
         if not isinstance(self.generic, bool):
             raise TypeError(f"generic must be True or False, got {self.generic!r}")
-        if isinstance(self.join_codes, bool) or self.join_codes not in (1, 2):
-            raise ValueError(f"join_codes must be 1 or 2, got {self.join_codes!r}")
+        if isinstance(self.join_codes, bool) or self.join_codes not in (1, 2, "auto"):
+            raise ValueError(f"join_codes must be 1, 2 or 'auto', got {self.join_codes!r}")
 
     @property
     def effective_compile(self) -> bool:

@@ -100,6 +100,8 @@ class Unit(nn.Module):
         if not torch.compiler.is_compiling():
             spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes
             spec.last_full_bytes = y.numel() * y.element_size()
+            if spec.auto_codes and residual is not None:
+                spec.last_P = P.detach()  # the sum's grid, for the next forward's decide_joins
         code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [])
         saved.offer(out, code, backend)
         return out, code
