@@ -552,7 +552,7 @@ def test_join_codes_two_stores_the_bn_value_at_every_join_and_lowers_the_error()
 
 
 def test_join_codes_auto_adds_the_second_code_where_the_residual_stream_has_grown():
-    """join_codes="auto" (the default): from the second training forward on, a join whose sum spreads beyond
+    """join_codes="auto": from the second training forward on, a join whose sum spreads beyond
     JOIN_MAX_SPREAD times its BN value's window also codes the BN value. A ResNet with 12 blocks in layer3: the
     stream's spread grows with every identity join, so the deep joins get the second code (and the gradient error
     drops); resnet18's joins stay below it (bit-identical gradients to join_codes=1)."""

@@ -57,14 +57,15 @@ class ApproxConfig:
             autograd saves inside the model in a training forward (SiLU, GELU, Hardswish inputs, squeeze-excitation
             operands, LayerNorm and Linear inputs, BatchNorms that are not units) is kept as a ``bits``-bit
             per-channel code. Default True. Eager forwards only (not inside ``torch.compile``).
-        join_codes: codes per residual join (BN + add + activation). ``1``: the code of the sum, from which the
-            BN's normalized value is recovered for its variance term (and a second code only where some ``|gamma|``
-            is below ``JOIN_MIN_GAMMA``); ``2``: every join also codes the BN's normalized value; ``"auto"``
-            (default): as ``1``, plus the second code at each join whose sum spreads so far beyond its BN's own
+        join_codes: codes per residual join (BN + add + activation). ``1`` (default): the code of the sum, from
+            which the BN's normalized value is recovered for its variance term (and a second code only where some
+            ``|gamma|`` is below ``JOIN_MIN_GAMMA``); ``2``: every join also codes the BN's normalized value;
+            ``"auto"``: as ``1``, plus the second code at each join whose sum spreads so far beyond its BN's own
             output that the recovery would cost more than ``JOIN_MAX_SPREAD`` times a direct code's error
             (decided before every training forward from the previous one's grid; the residual stream grows with
             depth). Measured at 4 bits (docs/method.md section 3): resnet152's conv gradient median error 0.197
-            (1) / 0.142 ("auto", 28 of 50 joins) / 0.128 (2); resnet18 and resnet50 at init: "auto" adds none.
+            (1) / 0.142 ("auto", 30 of 50 joins) / 0.128 (2); on resnet18 and resnet50 "auto" adds none at 4 and
+            8 bits, but most of resnet50's joins at 2 bits.
     """
 
     bits: int = 4
@@ -75,7 +76,7 @@ class ApproxConfig:
     ring: bool | None = None
     compile: bool | None = None
     generic: bool = True
-    join_codes: int | str = "auto"
+    join_codes: int | str = 1
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:

@@ -31,7 +31,8 @@ JOIN_MIN_GAMMA = 0.05
 # |gamma| (the recovery's error scale), spans more than this many times the window a code of the BN value itself
 # would span (2 * min(window, 4) standard deviations). Measured on resnet152 at init (4 bits, batch 4, 64x64):
 # joins above 1.7x: 21 of 50, conv gradient median error 0.197 -> 0.145; above 1.43x: 28, 0.142; above 1.14x:
-# 41, 0.140; all 50: 0.128. resnet18 and resnet50 at init stay below 1.32x everywhere (no second code).
+# 41, 0.140; all 50: 0.128. resnet18 and resnet50 at init stay below 1.32x everywhere at 4 and 8 bits (no second
+# code); at 2 bits (window 2) most of resnet50's joins are above it.
 JOIN_MAX_SPREAD = 1.4
 
 
