@@ -8,6 +8,7 @@ backward op, which computes every gradient from the code.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -298,30 +299,20 @@ bn_act_backward = torch.library.custom_op("tritonact::bn_act_backward", _bn_act_
 bn_act_backward_ = torch.library.custom_op("tritonact::bn_act_backward_", _bn_act_backward_inplace, mutates_args=("g",))
 
 
-@bn_act_backward.register_fake
-def _(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
-      res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend):  # fmt: skip
+def _backward_fake(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape,
+                   res_perm, res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend,
+                   inplace=False):  # fmt: skip
     C = shape[1]
     joined = residual is not None or res_data is not None or xdata is not None
-    return (
-        ref.empty_in(shape, perm, dtype, g.device),
-        g.new_empty(C, dtype=torch.float32),
-        g.new_empty(C, dtype=torch.float32),
-        ref.empty_in(shape, perm, res_dtype, g.device) if joined else g.new_empty(0, dtype=res_dtype),
-    )
+    g_y = ref.empty_in(shape, perm, dtype, g.device)
+    g_res = ref.empty_in(shape, perm, res_dtype, g.device) if joined else g.new_empty(0, dtype=res_dtype)
+    if inplace:  # the output that g became comes back empty
+        g_y, g_res = (g_y, g.new_empty(0, dtype=res_dtype)) if joined else (g.new_empty(0, dtype=dtype), g_res)
+    return g_y, g.new_empty(C, dtype=torch.float32), g.new_empty(C, dtype=torch.float32), g_res
 
 
-@bn_act_backward_.register_fake
-def _(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
-      res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend):  # fmt: skip
-    C = shape[1]
-    joined = residual is not None or res_data is not None or xdata is not None
-    return (
-        ref.empty_in(shape, perm, dtype, g.device) if joined else g.new_empty(0, dtype=dtype),
-        g.new_empty(C, dtype=torch.float32),
-        g.new_empty(C, dtype=torch.float32),
-        g.new_empty(0, dtype=res_dtype),
-    )
+bn_act_backward.register_fake(_backward_fake)
+bn_act_backward_.register_fake(functools.partial(_backward_fake, inplace=True))
 
 
 def _sole_owner(g: Tensor, perm, dtypes, backend: str) -> bool:

@@ -162,16 +162,17 @@ def decide_joins(specs: list) -> None:
         return
     with torch.no_grad():
         gammas = [s.bn.weight.detach().abs() for s in joins]
-        small = torch.stack([g.amin() < JOIN_MIN_GAMMA for g in gammas])
-        wide = torch.stack(
-            [
-                _spread(s.last_P, g) > JOIN_MAX_SPREAD * s.xh_extent
-                if s.auto_codes and s.last_P is not None and s.last_P.shape[1] == g.shape[0]
-                else torch.zeros((), dtype=torch.bool, device=g.device)
-                for s, g in zip(joins, gammas)
-            ]
-        )
-        flags = (small | wide).tolist()
+        flags = torch.stack([g.amin() for g in gammas]) < JOIN_MIN_GAMMA
+        auto = [
+            i for i, (s, g) in enumerate(zip(joins, gammas))
+            if s.auto_codes and s.last_P is not None and s.last_P.shape[1] == g.shape[0]
+        ]  # fmt: skip
+        if auto:
+            wide = torch.stack(
+                [_spread(joins[i].last_P, gammas[i]) > JOIN_MAX_SPREAD * joins[i].xh_extent for i in auto]
+            )
+            flags[auto] |= wide
+        flags = flags.tolist()
     for s, flag in zip(joins, flags):
         s.store_xh = flag
 
