@@ -199,11 +199,14 @@ def _bn_act_bwd_kernel(
         _store(gres_ptr, i, gz, m)
 
 
-def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False):
+def unit_backward(
+    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False, reduce=None
+):
     """Contract of ``reference.unit_backward_ref``, except that ``g_y`` and ``g_residual`` come in ``g``'s dtype
     (the dtype autograd wants them in; ``g_residual = g_z`` is exact in it). ``g_gamma``, ``g_beta``: fp32.
     ``inplace``: ``g`` (dense in ``perm``) is overwritten with ``g_y`` (a join's ``g_residual``); each element is
-    read before it is written, by the same program."""
+    read before it is written, by the same program. ``reduce``: applied to ``(sum_gz, sum_gzxh, count)`` between
+    the two kernels (the reference's contract)."""
     perm = tuple(perm)
     C = shape[1]
     g3 = _view3(g, perm)
@@ -220,7 +223,10 @@ def unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, resid
     )
     sum_gz, sum_gzxh = part.sum(1)
     M = outer * inner
-    coef = torch.stack([gamma * invstd.float(), sum_gz / M, sum_gzxh / M])
+    all_gz, all_gzxh = sum_gz, sum_gzxh
+    if reduce is not None:
+        all_gz, all_gzxh, M = reduce(sum_gz, sum_gzxh, M)
+    coef = torch.stack([gamma * invstd.float(), all_gz / M, all_gzxh / M])
     joined = residual is not None or xh_code is not None
     g_res = (g if inplace else _empty(shape, perm, g.dtype, g.device)) if joined else None
     g_y = g if inplace and not joined else _empty(shape, perm, g.dtype, g.device)

@@ -467,3 +467,63 @@ def test_end_to_end_matches_torch_backend(cl, device):
         assert err < 1e-3, (name, err.item())
     for name, b in bufs_r.items():
         torch.testing.assert_close(bufs_t[name], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("join", ("bn", "sum"))
+def test_backward_reduce_hook_gets_the_local_sums(join):
+    """A SyncBatchNorm unit's backward (``reduce``, tritonact.sync.all_reduce_sums): the hook sees this batch's
+    per-channel sums and count between the two passes, the input gradient uses what it returns, gamma / beta
+    gradients stay the local sums. Two identical ranks (sums and count doubled) leave every gradient as it was;
+    kernel and reference agree."""
+    need("cpu")
+    y, r, gamma, beta, spec, _, got, _ = run_forward(CASES[0], "relu", join, 4, "cpu")
+    out, data, P, invstd, _ = got
+    shape = tuple(CASES[0][0])
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    args = (data, P, 4, shape, memory_order(y), "relu", gamma, beta, invstd, r if join == "sum" else None, None)
+    seen = []
+
+    def twice(sum_gz, sum_gzxh, count):
+        seen.append((sum_gz.clone(), sum_gzxh.clone(), count))
+        return 2 * sum_gz, 2 * sum_gzxh, torch.tensor(2.0 * count, dtype=torch.float64)
+
+    for fn in (ref.unit_backward_ref, KB.unit_backward):
+        plain = fn(g, *args)
+        seen.clear()
+        synced = fn(g, *args, reduce=twice)
+        ((sum_gz, sum_gzxh, count),) = seen
+        assert count == math.prod(shape) // shape[1]
+        exact(sum_gz, plain[2])
+        exact(sum_gzxh, plain[1])
+        for a, b in zip(synced, plain):
+            if a is not None:
+                exact(a, b)
+        shifted = fn(g, *args, reduce=lambda s, sx, n: (s + 1.0, sx, n))  # the input gradient reads the result
+        assert not torch.equal(shifted[0], plain[0])
+        exact(shifted[2], plain[2])
+
+
+@pytest.mark.parametrize("join", ("bn", "sum"))
+def test_forward_with_given_statistics(join):
+    """A SyncBatchNorm unit's forward (``stats``: the global batch's, tritonact.sync.global_stats): the unit
+    normalizes with them, not with its own batch's, and returns the running statistics it is given; kernel and
+    reference produce the same codes of the values they output."""
+    need("cpu")
+    shape = (2, 5, 6, 6)
+    y, r, gamma, beta = make(shape, torch.float32, False, "cpu", 0, residual=join != "bn")
+    g = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    invstd = (var.double() + 1e-5).rsqrt().float()
+    new_rm, new_rv = torch.randn(5, generator=g), torch.rand(5, generator=g)
+    stats = (mean, invstd, new_rm, new_rv, var)
+    kw = dict(bits=4, act="relu", window=3.5, pf=0.75, store_xh=False, stats=stats)
+    outs = [backends.get(b).bn_act(y, gamma, beta, r, None, None, 0.1, 1e-5, **kw) for b in ("triton", "torch")]
+    z = (y - ref.bview(mean, y)) * ref.bview(invstd, y) * ref.bview(gamma, y) + ref.bview(beta, y)
+    want = torch.relu(z if r is None else z + r)
+    for out, _, _, inv, _, _, rm, rv in outs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # fp32 rounding of the same formula
+        exact(inv, invstd)
+        assert rm is new_rm and rv is new_rv
+    if join == "bn":  # both code xh = (y - mean) * invstd, the same fp32 ops (a sum may differ in its last bit)
+        exact(outs[0][1], outs[1][1])
+    torch.testing.assert_close(outs[0][2], outs[1][2], rtol=1e-4, atol=1e-5)  # grids (see check_forward)

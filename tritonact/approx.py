@@ -24,6 +24,7 @@ from tritonact.saved import GenericPath
 __all__ = ["approximate", "ApproxReport", "NoUnitRan"]
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
+_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # the norms a unit can be made of
 
 
 class approximate:
@@ -180,7 +181,7 @@ class approximate:
                 )
             )
             for name, child in module.named_children():
-                if any(isinstance(m, torch.nn.BatchNorm2d) for m in child.modules()):
+                if any(isinstance(m, _NORMS) for m in child.modules()):
                     self._convert(child, f"{prefix}{name}.", backend, train_all)
             return
         plan = make_plan(gm, self.config, backend, prefix)
@@ -218,8 +219,8 @@ class approximate:
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 sub = gm.get_submodule(node.target)
-                if has_hooks(sub) and any(isinstance(m, torch.nn.BatchNorm2d) for m in sub.modules()):
-                    if not isinstance(sub, torch.nn.BatchNorm2d):
+                if has_hooks(sub) and any(isinstance(m, _NORMS) for m in sub.modules()):
+                    if not isinstance(sub, _NORMS):
                         rep.exact.append(
                             (
                                 prefix + node.target,

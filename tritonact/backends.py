@@ -56,19 +56,25 @@ class Backend:
         raise NotImplementedError
 
     # -- unit forward --------------------------------------------------------------------------------------
-    def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None):
+    def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
+               stats=None):  # fmt: skip
         """``(out, data, P, invstd, xdata, xP, new_rm, new_rv)``: the unit's output (written into ``out`` when
         given), its packed codes and grid, ``1/sigma``, the second code of xh (``None``, ``None`` unless
         ``store_xh``) and the running statistics after this batch (``None`` without them). ``y`` is dense in its
-        memory order; ``gamma``, ``beta`` fp32 ``(C,)``; ``eaf`` the BN's exponential average factor."""
+        memory order; ``gamma``, ``beta`` fp32 ``(C,)``; ``eaf`` the BN's exponential average factor. ``stats``:
+        the batch statistics computed elsewhere (``tritonact.sync.global_stats``: ``(mean, invstd, new_rm, new_rv,
+        var)``), which the unit normalizes with instead of its own batch's."""
         raise NotImplementedError
 
     def bn_act_backward(
-        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
-    ):
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False,
+        reduce=None,
+    ):  # fmt: skip
         """``(g_y, g_gamma, g_beta, g_res)`` (``reference.unit_backward_ref``'s contract); ``residual`` the exact
         residual or None, ``xh_code`` ``(data, P)`` or None, ``res_code`` a :class:`CodeRef` of the residual;
-        ``inplace``: ``g`` (fp32, dense in ``perm``) may become ``g_y`` (a join's ``g_res``)."""
+        ``inplace``: ``g`` (fp32, dense in ``perm``) may become ``g_y`` (a join's ``g_res``). ``reduce``: a
+        function ``(sum_gz, sum_gzxh, count) -> (sum_gz, sum_gzxh, count)`` of the per-channel sums between the two
+        passes (``tritonact.sync.all_reduce_sums``); ``g_gamma``, ``g_beta`` stay the sums before it."""
         raise NotImplementedError
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None) -> torch.Tensor:
@@ -168,14 +174,23 @@ class TorchBackend(Backend):
     def available(device: torch.device) -> bool:
         return True
 
-    def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None):
+    def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
+               stats=None):  # fmt: skip
         # BN by the module's own op, so output and running statistics are bit-identical to nn.BatchNorm2d's
         new_rm = rm.clone() if rm is not None else None
         new_rv = rv.clone() if rv is not None else None
         out_dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
         if out is None:
             out = torch.empty_like(y, dtype=out_dtype)
-        if out_dtype == y.dtype:
+        if stats is not None:  # normalized with given statistics: BN's inference formula, with them
+            mean, invstd, new_rm, new_rv, var = stats
+            z = torch.batch_norm(y, gamma, beta, mean.to(gamma.dtype), var.to(gamma.dtype), False, 0.0, eps, False)
+            if residual is not None:
+                torch.add(z, residual, out=out)
+            else:
+                out.copy_(z)
+            del z
+        elif out_dtype == y.dtype:
             C = y.shape[1]
             mean = torch.empty(C, dtype=gamma.dtype, device=y.device)  # float32, or a float64/16 model's own
             invstd = torch.empty_like(mean)
@@ -227,12 +242,13 @@ class TorchBackend(Backend):
         return data, P, xdata, xP
 
     def bn_act_backward(
-        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
-    ):
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False,
+        reduce=None,
+    ):  # fmt: skip
         if res_code is not None:  # decoded a few samples at a time, inside the chunked backward
             residual = lambda n0, n1: self.decode(res_code, torch.float32, n0, n1)  # noqa: E731
         return ref.unit_backward_ref(
-            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace=inplace
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace=inplace, reduce=reduce
         )
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
@@ -272,11 +288,13 @@ class CompiledBackend(TorchBackend):
         return codes
 
     def bn_act_backward(
-        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
-    ):
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False,
+        reduce=None,
+    ):  # fmt: skip
         from tritonact import compiled
 
-        if compiled.layout3(tuple(shape), tuple(perm), bits) is not None:
+        if reduce is None and compiled.layout3(tuple(shape), tuple(perm), bits) is not None:  # (one graph: no
+            # collective inside it)
             rc = None
             if (
                 res_code is not None
@@ -299,7 +317,7 @@ class CompiledBackend(TorchBackend):
                 return out
             res_code = None if residual is not None else res_code
         return super().bn_act_backward(
-            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
         )
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
@@ -331,14 +349,20 @@ class TritonBackend(Backend):
     def available(device: torch.device) -> bool:
         return triton_available() and (device.type == "cuda" or interpreter_enabled())
 
-    def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None):
+    def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
+               stats=None):  # fmt: skip
         from tritonact.kernels.bn_act import bn_act_forward, bn_stats_forward
 
         gamma, beta = gamma.detach().float(), beta.detach().float()
-        mean64, var64, ymin, ymax = bn_stats_forward(y)
-        mean, invstd = mean64.float(), (var64 + eps).rsqrt().float()
-        new_rm = new_rv = None
-        if rm is not None:
+        if stats is not None:
+            mean, invstd, new_rm, new_rv, _ = stats
+            dims = ref.channel_dims(y)
+            ymin, ymax = y.amin(dim=dims).float(), y.amax(dim=dims).float()
+        else:
+            mean64, var64, ymin, ymax = bn_stats_forward(y)
+            mean, invstd = mean64.float(), (var64 + eps).rsqrt().float()
+            new_rm = new_rv = None
+        if rm is not None and stats is None:
             n = y.numel() // y.shape[1]
             new_rm = (eaf * mean64 + (1.0 - eaf) * rm.double()).to(rm.dtype)
             new_rv = (eaf * (var64 * (n / max(n - 1, 1))) + (1.0 - eaf) * rv.double()).to(rv.dtype)
@@ -364,13 +388,16 @@ class TritonBackend(Backend):
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
     def bn_act_backward(
-        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False
-    ):
+        self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False,
+        reduce=None,
+    ):  # fmt: skip
         from tritonact.kernels.bn_act_bwd import unit_backward
 
         if res_code is not None:
             residual = self.decode(res_code, torch.float32)
-        return unit_backward(g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace)
+        return unit_backward(
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace, reduce=reduce
+        )
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
         from tritonact.kernels.bn_act import decode_act

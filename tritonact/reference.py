@@ -294,7 +294,7 @@ def bn_backward_ref(g_z: torch.Tensor, xh: torch.Tensor, gamma: torch.Tensor, in
 
 
 def unit_backward_ref(
-    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False
+    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False, reduce=None
 ):
     """Backward of one unit from its code (the CPU path; contract of ``kernels.bn_act_bwd.unit_backward``).
 
@@ -309,6 +309,7 @@ def unit_backward_ref(
         xh_code: for a join that stores the BN value as a second code: ``(data, P)`` of it (act "none").
         inplace: ``g`` (fp32, dense in ``perm``) may be overwritten: it becomes ``g_y`` (``g_residual = g_z``
             for a join), so the backward allocates one activation-sized tensor less.
+        reduce: maps ``(sum_gz, sum_gzxh, count)`` before the input gradient uses them (SyncBatchNorm's all-reduce).
 
     Returns:
         ``(g_y, g_gamma, g_beta, g_residual)`` in fp32; ``g_residual`` is None without a residual.
@@ -353,8 +354,9 @@ def unit_backward_ref(
         if len(chunks) == 1:
             kept_xh = xh
     M = g.numel() // C
+    all_gz, all_gzxh, M = reduce(sum_gz, sum_gzxh, M) if reduce is not None else (sum_gz, sum_gzxh, M)
     k = bview(gamma * invstd, g_z_all)
-    mean_gz, mean_gzxh = bview(sum_gz / M, g_z_all), bview(sum_gzxh / M, g_z_all)
+    mean_gz, mean_gzxh = bview(all_gz / M, g_z_all), bview(all_gzxh / M, g_z_all)
     for n0, n1, b0, b1 in chunks:
         sub = (n1 - n0,) + tuple(shape[1:])
         if kept_xh is not None:

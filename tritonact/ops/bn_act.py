@@ -14,7 +14,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from tritonact import backends
+from tritonact import backends, sync
 from tritonact import reference as ref
 from tritonact.quant import memory_order
 from tritonact.saved import passthrough
@@ -65,10 +65,12 @@ def bn_act(
     store_xh: bool,
     naive: bool,
     backend: str,
+    group: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var)``; ``xdata``/``xP`` (the
     second code of a join with ``store_xh``) and the running statistics are empty where absent. ``res_*``: the
-    residual's code, kept for the backward (the forward adds the exact ``residual``)."""
+    residual's code, kept for the backward (the forward adds the exact ``residual``). ``group``: the key of the
+    process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``."""
     return _impl(
         y,
         gamma,
@@ -86,16 +88,18 @@ def bn_act(
         store_xh,
         naive,
         backend,
+        group,
     )
 
 
 def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
-          window, positive_fraction, store_xh, naive, backend, out=None):  # fmt: skip
+          window, positive_fraction, store_xh, naive, backend, group, out=None):  # fmt: skip
     if momentum is None:  # cumulative average: the caller has counted this batch already
         eaf = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
         eaf = momentum
     be = backends.get(backend)
+    stats = sync.global_stats(y, group, eps, eaf, running_mean, running_var) if group else None
     out, data, P, invstd, xdata, xP, new_rm, new_rv = be.bn_act(
         y,
         gamma,
@@ -111,6 +115,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         pf=positive_fraction,
         store_xh=store_xh,
         out=out,
+        stats=stats,
     )
     if naive:  # the baseline: later layers compute on the decoded activation
         out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
@@ -124,7 +129,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
 @bn_act.register_fake
 def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
       res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
-      backend):  # fmt: skip
+      backend, group=""):  # fmt: skip
     C = y.shape[1]
     dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
     nbytes = (y.numel() * bits + 7) // 8
@@ -143,7 +148,7 @@ def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, 
 
 def _setup(ctx, inputs, output):
     (y, gamma, beta, residual, _rm, _rv, _nbt, _mom, _eps, res_data, res_P, res_local, res_shape, res_perm, res_pool,
-     res_act, bits, act, _w, _pf, store_xh, _naive, backend) = inputs  # fmt: skip
+     res_act, bits, act, _w, _pf, store_xh, _naive, backend, *group) = inputs  # fmt: skip
     _out, data, P, invstd, xdata, xP = output[:6]
     saved = [data, P, invstd, gamma, beta]
     ctx.mode = "plain"
@@ -158,14 +163,14 @@ def _setup(ctx, inputs, output):
     with passthrough():  # an exact residual stays exact (the generic path would code it)
         ctx.save_for_backward(*saved)
     ctx.shape, ctx.perm, ctx.dtype = list(y.shape), list(memory_order(y)), y.dtype
-    ctx.bits, ctx.act, ctx.backend = bits, act, backend
+    ctx.bits, ctx.act, ctx.backend, ctx.group = bits, act, backend, (group[0] if group else "")
     ctx.res = (list(res_shape), list(res_perm), list(res_pool), res_act)
     ctx.first_input = 0  # index of y among the inputs autograd sees (BNActFn: 1)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g, *_):
-    n_in = 23
+    n_in = 24
     if g is None:
         return (None,) * n_in
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -183,7 +188,8 @@ def _backward(ctx, g, *_):
     res_dtype = ctx.res_dtype if ctx.mode != "plain" else ctx.dtype
     backend = backends.effective(ctx.backend)
     args = (data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
-            res_pool, res_act, ctx.shape, ctx.perm, ctx.bits, ctx.act, ctx.dtype, res_dtype, backend)  # fmt: skip
+            res_pool, res_act, ctx.shape, ctx.perm, ctx.bits, ctx.act, ctx.dtype, res_dtype, backend,
+            ctx.group)  # fmt: skip
     inplace = _sole_owner(g, ctx.perm, (ctx.dtype, res_dtype), backend)
     if direct():
         g_y, g_gamma, g_beta, g_res = _bn_act_backward(g, *args, inplace=inplace)
@@ -213,9 +219,9 @@ class BNActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, *inputs):
         (y, gamma, beta, residual, rm, rv, nbt, momentum, eps, *_res, bits, act, window, pf, store_xh, naive,
-         backend) = inputs  # fmt: skip
+         backend, group) = inputs  # fmt: skip
         outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
-                        naive, backend, out=out)  # fmt: skip
+                        naive, backend, group, out=out)  # fmt: skip
         _setup(ctx, inputs, outputs)
         ctx.first_input = 1
         ctx.mark_non_differentiable(*outputs[1:])
@@ -259,18 +265,21 @@ def _bn_act_backward(
     dtype: torch.dtype,
     res_dtype: torch.dtype,
     backend: str,
+    group: str = "",
     inplace: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(g_y, g_gamma, g_beta, g_residual)`` of a unit from ``g = dL/d out`` and its code: ``g_y`` in ``dtype``
     and ``g_residual`` in ``res_dtype``, both dense in memory order ``perm``; ``g_gamma``, ``g_beta`` fp32;
     ``g_residual`` is empty for a unit without a residual add. ``inplace`` (see :func:`_sole_owner`): ``g`` is
-    overwritten and returned as ``g_y`` (a join: as ``g_residual``)."""
+    overwritten and returned as ``g_y`` (a join: as ``g_residual``). ``group``: a SyncBatchNorm unit's process
+    group key (its sums are all-reduced between the two passes), or ``""``."""
     shape, perm = tuple(shape), tuple(perm)
     gamma, beta = gamma.detach().float(), beta.detach().float()
     xh_code = (xdata, xP) if xdata is not None else None
     res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits)
+    reduce = functools.partial(sync.all_reduce_sums, group) if group else None
     g_y, g_gamma, g_beta, g_res = backends.get(backend).bn_act_backward(
-        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace
+        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
     )
     if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
         g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
@@ -300,7 +309,7 @@ bn_act_backward_ = torch.library.custom_op("tritonact::bn_act_backward_", _bn_ac
 
 
 def _backward_fake(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape,
-                   res_perm, res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend,
+                   res_perm, res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend, group="",
                    inplace=False):  # fmt: skip
     C = shape[1]
     joined = residual is not None or res_data is not None or xdata is not None

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tritonact import backends, saved
+from tritonact import backends, saved, sync
 from tritonact import reference as ref
 from tritonact.config import DEFAULT_WINDOW, MIN_VALUES, ApproxConfig
 from tritonact.ops.bn_act import BNActFn, direct
@@ -51,15 +51,18 @@ class Unit(nn.Module):
 
     def forward(self, y, residual=None, res_code: Code | None = None):
         bn, spec = self.bn, self.spec
+        group = sync.group_key(bn) if bn.training else ""
         if (
             not bn.training
             or not torch.is_grad_enabled()
             or y.dim() != 4
             or y.numel() == 0
-            or y.numel() < MIN_VALUES * y.shape[1]  # few values per channel (MIN_VALUES)
+            or (y.numel() < MIN_VALUES * y.shape[1] and not group)  # few values per channel (MIN_VALUES; a
+            # SyncBatchNorm's count is the global batch's, and PyTorch's own refuses CPU tensors)
             or (residual is not None and residual.shape != y.shape)
         ):
-            z = nn.BatchNorm2d.forward(bn, y)  # BatchNorm2d's own math (a BatchNormAct2d's act runs after the unit)
+            # the module's own math (a BatchNormAct2d's act runs after the unit)
+            z = (nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d).forward(bn, y)
             if residual is not None:
                 z = z + residual
             if bn.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -87,7 +90,7 @@ class Unit(nn.Module):
         window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
-            self.pf, spec.store_xh and residual is not None, self.naive, backend,
+            self.pf, spec.store_xh and residual is not None, self.naive, backend, group,
         )  # fmt: skip
         if direct():
             outputs = BNActFn.apply(self._ring_slot(y, residual), *args)

@@ -236,8 +236,9 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
         name = prefix + node.target
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             norm_act = is_norm_act(m)
-            if type(m) is not nn.BatchNorm2d and not norm_act:
-                plan.exact.append((name, f"{type(m).__name__} is not covered (BatchNorm2d and BatchNormAct2d are)"))
+            if type(m) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not norm_act:
+                why = f"{type(m).__name__} is not covered (BatchNorm2d, SyncBatchNorm and BatchNormAct2d are)"
+                plan.exact.append((name, why))
                 continue
             if has_hooks(m):
                 plan.exact.append((name, f"{type(m).__name__} has user hooks"))
