@@ -391,3 +391,49 @@ def test_graph_limit_runs_eager_and_remembers(monkeypatch):
         assert compiled._call("forward_sum", key, s, gamma, beta) is None
     key_graphs = compiled._compiled("forward_sum", *key)
     assert key_graphs.graphs == [] and list(key_graphs.memo.values()) == [False]
+
+
+@pytest.fixture
+def graph_store(tmp_path, monkeypatch):
+    """An empty store of compiled graphs (under an empty inductor cache folder)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITONACT_GRAPH_CACHE", raising=False)
+    graphs._Store.folder.cache_clear()
+    if graphs._Store.folder() is None:
+        pytest.skip("this torch cannot serialize a standalone graph")
+    yield graphs._Store.folder()
+    graphs._Store.folder.cache_clear()
+
+
+def test_compiled_graphs_are_kept_on_disk_for_the_next_process(graph_store, monkeypatch):
+    """A graph compiled once is stored with what it assumes of its inputs; a new process (a new ``Graphs`` of the
+    same key) loads it instead of compiling: same results bit for bit, for the input it was made for and for
+    another its conditions accept, while an input they do not accept is compiled anew. Unreadable files are
+    ignored."""
+    key = (4, "relu", 1.125, 0.75, True, False, False, False, torch.float32, torch.float32)  # used by no other test
+    name = f"forward_sum{key}"
+    fn = compiled._MAKERS["forward_sum"](*key)
+    g = torch.Generator().manual_seed(9)
+    small = (torch.randn(2, 8, 16, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g))
+    other = (torch.randn(3, 8, 24, generator=g), *small[1:])  # same conditions (a reduction of <= 4096 values)
+    large = (torch.randn(4, 8, 2048, generator=g), *small[1:])  # > 4096: inductor sums in chunks, a condition
+    first = graphs.Graphs(name, fn)
+    want = [first(*a) for a in (small, other)]
+    assert len(first.graphs) == 1
+    files = list(graph_store.glob("*.pkl"))
+    assert len(files) == 1
+    (graph_store / (files[0].name.split("-")[0] + "-broken.pkl")).write_bytes(b"not a pickle")
+
+    compiles = []
+    real = graphs._Graph.compile.__func__
+    monkeypatch.setattr(graphs._Graph, "compile", classmethod(lambda cls, *a: compiles.append(1) or real(cls, *a)))
+    second = graphs.Graphs(name, fn)  # a new process's
+    for a, w in zip((small, other), want):
+        for x, y in zip(second(*a), w):
+            assert torch.equal(x, y)
+    assert compiles == [] and len(second.graphs) == 1
+    data, P = second(*large)
+    data_e, P_e = fn(*large)
+    torch.testing.assert_close(P, P_e)  # (see test_graph_conditions_are_checked_per_input)
+    assert compiles == [1] and len(second.graphs) == 2
+    assert len(list(graph_store.glob("*-*.pkl"))) == 3  # the new graph stored beside the first (and the broken)

@@ -9,8 +9,16 @@ costs about half as much, and far less when caches are cold, as they are between
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import os
+import pickle
+import platform
+import sys
+import uuid
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -59,6 +67,7 @@ class Graphs:
         self.graphs: list[_Graph] = []
         self.memo: dict = {}
         self.unguardable = False  # a trace made conditions this class cannot check: the key runs eagerly
+        self.stored: list[_Graph] | None = None  # this key's graphs on disk (_Store), not loaded yet
 
     def __call__(self, *args):
         """The compiled result, or None where the eager reference must run (remembered: no retry per call)."""
@@ -83,6 +92,13 @@ class Graphs:
                 "runs for inputs none of them accepts"
             )
             return False
+        if self.stored is None:
+            self.stored = _STORE.entries(self.name)
+        for graph in self.stored:
+            if graph.accepts(args) and _STORE.load(graph):
+                self.stored.remove(graph)
+                self.graphs.append(graph)
+                return graph.compiled
         _notice_once()
         try:
             graph = _Graph.compile(self.fn, args, self.name)
@@ -91,14 +107,17 @@ class Graphs:
             _warn_once(f"tritonact: {e}; the eager torch reference runs for this key")
             return False
         self.graphs.append(graph)
+        _STORE.save(self.name, graph)
         return graph.compiled
 
 
 class _Graph:
     """A compiled graph and what it assumes of its inputs (see :class:`Graphs`)."""
 
-    def __init__(self, compiled, specs, symbols, conditions):
+    def __init__(self, compiled, specs, symbols, conditions, blob=None, single=False):
         self.compiled = compiled
+        self.blob = blob  # the compiled code, serialized (kept on disk by _Store), or None
+        self.single = single  # the function returns one tensor (a loaded graph returns a list of it)
         self.specs = specs  # per input: None, or (dtype, size expressions, stride expressions)
         self.symbols = symbols  # {symbol: (input, "size" | "stride" | "offset", dim)}
         self.conditions = conditions  # sympy booleans over the symbols
@@ -124,13 +143,17 @@ class _Graph:
             gm = make_fx(fn, tracing_mode="symbolic")(*args)
         fakes = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
         # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
-        # symbols; without its caches of whole graphs, which on a hit restore a graph without restating the
-        # conditions it was compiled under (the C++ of a graph is still cached: a warm compile takes seconds).
-        with (
-            torch._inductor.config.patch(fx_graph_cache=False),
-            torch._functorch.config.patch(enable_autograd_cache=False),
-        ):
-            compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
+        # symbols. A hit in inductor's caches of whole graphs restores a graph without restating the conditions it
+        # was compiled under: where one happens, the graph is compiled again with those caches off (the C++ of a
+        # graph is still cached: a warm compile takes seconds), which states them; the hit's code, which holds
+        # under them (its own conditions held for this input), is what the store keeps.
+        compiled, blob = _STORE.compile(gm, fakes) if _STORE.on() else (None, None)
+        if compiled is None:
+            with (
+                torch._inductor.config.patch(fx_graph_cache=False),
+                torch._functorch.config.patch(enable_autograd_cache=False),
+            ):
+                compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
         symbols, specs = {}, []
         for i, val in enumerate(fakes):
             if not isinstance(val, torch.Tensor):
@@ -148,7 +171,8 @@ class _Graph:
         unknown = set().union(*(e.free_symbols for e in exprs)) - set(symbols) if exprs else set()
         if unknown:
             raise _Unguardable(f"{name}: conditions on {sorted(map(str, unknown))}, not input sizes")
-        graph = cls(compiled, specs, symbols, conditions)
+        single = isinstance(next(n for n in gm.graph.nodes if n.op == "output").args[0], torch.fx.Node)
+        graph = cls(compiled, specs, symbols, conditions, blob, single)
         if not graph.accepts(args):
             raise _Unguardable(f"{name}: its own example input violates its conditions")
         return graph
@@ -189,6 +213,113 @@ class _Unguardable(RuntimeError):
     pass
 
 
+class _Store:
+    """Compiled graphs kept on disk, so that a new process loads them instead of tracing and compiling again (the
+    wait before a process's first steps: docs/benchmarks.md). Each file holds one graph: its key's name, what it
+    assumes of its inputs (:class:`_Graph`) and inductor's serialized code. The folder is under inductor's cache
+    folder (``TORCHINDUCTOR_CACHE_DIR``), in a subfolder named by a hash of tritonact's source files, the torch and
+    Python versions and the CPU's vector instruction set, so that a graph is only ever loaded by the code that
+    made it. ``TRITONACT_GRAPH_CACHE=0`` turns it off; it is off where this torch cannot serialize a graph."""
+
+    def __init__(self):
+        self.failed = False
+
+    def on(self) -> bool:
+        return not self.failed and self.folder() is not None
+
+    @staticmethod
+    @functools.cache
+    def folder() -> Path | None:
+        if os.environ.get("TRITONACT_GRAPH_CACHE", "1") == "0":
+            return None
+        try:
+            import inspect
+
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+            from torch._inductor.standalone_compile import AOTCompiledArtifact  # noqa: F401
+
+            if "aot" not in inspect.signature(torch._inductor.standalone_compile).parameters:
+                return None
+            h = hashlib.sha256()
+            for part in (torch.__version__, sys.version, platform.machine(), str(pick_vec_isa())):
+                h.update(part.encode() + b"\0")
+            for f in sorted(Path(__file__).parent.rglob("*.py")):
+                h.update(f.read_bytes())
+            return Path(cache_dir()) / "tritonact" / h.hexdigest()[:24]
+        except Exception:  # a private API moved: no store
+            return None
+
+    def compile(self, gm, fakes):
+        """``(compiled, blob)``: the compiled graph and its serialized code; ``compiled`` is None where the graph must
+        be compiled again with inductor's caches off (a cache hit: see ``_Graph._compile``), ``blob`` None where
+        this torch cannot serialize one."""
+        from torch._dynamo.utils import counters
+
+        def hits():
+            return counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+
+        before = hits()
+        try:
+            compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", aot=True)
+            blob = compiled.serialize()
+        except Exception:
+            self.failed = True  # this torch cannot: compile as before, keep nothing
+            return None, None
+        return (compiled if hits() == before else None), blob
+
+    def entries(self, name: str) -> list[_Graph]:
+        """This key's stored graphs (their code not yet loaded)."""
+        folder = self.folder() if not self.failed else None
+        out = []
+        if folder is None or not folder.is_dir():
+            return out
+        for f in sorted(folder.glob(_stem(name) + "-*.pkl")):
+            try:
+                entry = pickle.loads(f.read_bytes())
+                if entry["name"] == name:
+                    kept = (entry[k] for k in ("specs", "symbols", "conditions", "blob", "single"))
+                    out.append(_Graph(None, *kept))
+            except Exception:  # unreadable (another process writing it, a crash): ignored
+                continue
+        return out
+
+    def load(self, graph: _Graph) -> bool:
+        from torch._inductor.standalone_compile import AOTCompiledArtifact
+
+        try:
+            fn = AOTCompiledArtifact.deserialize(graph.blob)
+        except Exception:
+            return False
+        graph.compiled = (lambda *args: fn(*args)[0]) if graph.single else fn
+        return True
+
+    def save(self, name: str, graph: _Graph) -> None:
+        folder = self.folder()
+        if graph.blob is None or folder is None or self.failed:
+            return
+        entry = dict(
+            name=name, specs=graph.specs, symbols=graph.symbols, conditions=graph.conditions, blob=graph.blob,
+            single=graph.single,
+        )  # fmt: skip
+        try:
+            data = pickle.dumps(entry)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{_stem(name)}-{uuid.uuid4().hex[:12]}.pkl"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
+        except Exception:  # a full disk, a read-only cache folder: the graph is simply not kept
+            return
+
+
+def _stem(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:20]
+
+
+_STORE = _Store()
+
+
 _GRAPH_LIMIT = 8  # graphs per key; past it the eager reference runs for inputs no graph accepts
 _MEMO_LIMIT = 4096  # remembered input signatures per key
 
@@ -214,9 +345,9 @@ def _notice_once() -> None:
     if not _noticed:
         _noticed = True
         warnings.warn(
-            "tritonact: compiling the CPU path with TorchInductor (the first steps of a process: up to a minute or "
-            "two on 2 cores, seconds once its C++ is cached; as long again for each other dtype, e.g. under "
-            "autocast); TRITONACT_COMPILE=0 or ApproxConfig(compile=False) runs the eager path instead",
+            "tritonact: compiling the CPU path with TorchInductor (the first steps on a machine: one to two minutes "
+            "on 2 cores, as long again for each other dtype, e.g. under autocast; kept on disk, so later processes "
+            "load them in seconds); TRITONACT_COMPILE=0 or ApproxConfig(compile=False) runs the eager path instead",
             CompileNotice,
             stacklevel=7,
         )
