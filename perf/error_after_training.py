@@ -55,7 +55,7 @@ def main() -> None:
                 cells = []
                 for bits in a.bits:
                     for x, y in batches.values():
-                        cells.append("%.3f / %.3f" % _errors(snap, x, y, bits))
+                        cells.append("{:.3f} / {:.3f}".format(*_errors(snap, x, y, bits)))
                 print(f"| {trained} | {step} | " + " | ".join(cells) + " |", flush=True)
             if step == CHECKPOINTS[-1]:
                 break

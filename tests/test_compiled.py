@@ -437,3 +437,22 @@ def test_compiled_graphs_are_kept_on_disk_for_the_next_process(graph_store, monk
     torch.testing.assert_close(P, P_e)  # (see test_graph_conditions_are_checked_per_input)
     assert compiles == [1] and len(second.graphs) == 2
     assert len(list(graph_store.glob("*-*.pkl"))) == 3  # the new graph stored beside the first (and the broken)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4, 8), (2, 8, 3, 4), (3, 8, 2, 2)], ids=["inner32", "inner12", "inner4"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_decode_from_words_and_from_bytes_match_eager(bits, shape):
+    """The graphs decode rows that fill whole int32 words from an int32 view (compiled.words3) and other rows
+    from the flat bytes: both give the reference's values and gradients, at every width (inner 32: words at every
+    width; 12: words at 8 bits only; 4: words at 8 bits only)."""
+    y, gamma, beta, mean, invstd, g = _unit_inputs(bits, False, shape=shape)
+    perm = memory_order(y)
+    data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=bits, act="relu", window=3.5, pf=0.75, perm=perm)
+    assert compiled._word_rows(compiled.layout3(shape, perm, bits), bits) == (shape[2] * shape[3] % (32 // bits) == 0)
+    a = compiled.decode_act(data, P, bits, shape, perm, "relu", torch.float32)
+    assert torch.equal(a, ref.decode_act_ref(data, P, bits, shape, perm, "relu", torch.float32))
+    grad = torch.randn(shape, generator=g)
+    out = compiled.unit_backward(grad, data, P, bits, shape, perm, "relu", gamma, beta, invstd)
+    eager = ref.unit_backward_ref(grad, data, P, bits, shape, perm, "relu", gamma, beta, invstd)
+    for c, e in zip(out[:3], eager[:3]):  # (see test_unit_codes_decode_and_backward_match_eager)
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
