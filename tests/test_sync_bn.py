@@ -105,3 +105,52 @@ def test_sync_batchnorm_in_one_process_is_a_plain_batchnorm_unit():
         assert torch.equal(a.grad, b.grad), n
     for (n, a), b in zip(model.named_buffers(), synced.buffers()):
         assert torch.equal(a, b), n
+
+
+def _empty_rank(rank, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        x, y = _batch(0)
+        if rank == 1:
+            x, y = x[:0], y[:0]
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
+        with tritonact.approximate(model, bits=4, compile=False):
+            F.cross_entropy(model(x), y, reduction="sum").div(N).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        torch.save({"grads": grads, "buffers": dict(model.named_buffers())}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_batch_takes_part_and_does_not_hang(tmp_path):
+    """Rank 1's batch is empty: it takes part in every unit's all-gather and all-reduce (else rank 0 would wait
+    forever), both ranks end with the same running statistics, those of rank 0's batch alone, and rank 0's
+    gradients are those of its batch, within the 4-bit error of exact training on it."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_empty_rank, args=(port, str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120  # a few seconds when it works; a hang is the failure
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError("a rank waited forever for a collective")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    exact = _model()
+    x, y = _batch(0)
+    F.cross_entropy(exact(x), y).backward()
+    for n, buf in exact.named_buffers():
+        torch.testing.assert_close(r0["buffers"][n], buf, rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(r1["buffers"][n], r0["buffers"][n], rtol=0, atol=0, msg=n)
+    want = {n: p.grad for n, p in exact.named_parameters()}
+    conv = [_rel(r0["grads"][n], want[n]) for n in want if n.endswith("weight") and want[n].dim() == 4]
+    assert statistics.median(conv) <= 0.20
+    assert all(not g.any() for g in r1["grads"].values() if g is not None)

@@ -138,8 +138,9 @@ def _encode3(w, P, bits, relu6, rows):
     instead of the reference's arithmetic masks. Each branch is the reference's expression where it is taken (small
     integers in fp32: exact) and both stay inside ``[0, 2**bits - 1]``; a NaN ``w`` takes the negative branch, where
     ``fmin`` (which returns its non-NaN operand) makes it code 0 as the reference's ``nan_to_num`` does. So the codes
-    are identical (tested, edge values included). ``rows``: ``inner`` is a multiple of the codes per word (see
-    :func:`_pack`)."""
+    are identical (tested, edge values included). ``rows``: ``"words"`` (each row fills int32 words: returned as
+    them, ``(outer, C, words)``), True (``inner`` is a multiple of the codes per packing word, see :func:`_pack`)
+    or False."""
     p = lambda name: _pv(P[_R[name]])  # noqa: E731
     L1 = float((1 << bits) - 1)
     v = (w - p("o")) * p("sgn")
@@ -149,6 +150,12 @@ def _encode3(w, P, bits, relu6, rows):
     q = torch.where(v > 0, q_pos, q_neg)
     if relu6:
         q = torch.where(v >= p("vhi"), L1, q)
+    if rows == "words":  # int32 words by rows, or-ed from int32 codes: no uint8 vector stores (see _unpack3)
+        qi = q.to(torch.int32).reshape(q.shape[0], q.shape[1], -1, 32 // bits)
+        o = qi[..., 0]
+        for k in range(1, 32 // bits):
+            o = o | (qi[..., k] << (bits * k))
+        return o
     if rows:
         return _pack(q.to(torch.uint8), bits)
     # packed through a flat view: without an elementwise op between q and that view, inductor recomputes the whole
@@ -340,16 +347,29 @@ def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm):
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows(v3, bits), *_cls(v3, y, gamma))
-    return _call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta)
+    key = (bits, act, window, pf, _rows_kind(v3, bits), *_cls(v3, y, gamma))
+    return _bytes(_call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta))
 
 
 def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm):
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows(v3, bits), *_cls(v3, s, gamma))
-    return _call("forward_sum", key, view3(s, perm, v3), gamma, beta)
+    key = (bits, act, window, pf, _rows_kind(v3, bits), *_cls(v3, s, gamma))
+    return _bytes(_call("forward_sum", key, view3(s, perm, v3), gamma, beta))
+
+
+def _rows_kind(v3, bits: int):
+    """How the encoder packs: ``"words"`` (each row fills int32 words), True (rows of whole packing words, through
+    uint8 codes) or False (a flat view)."""
+    return "words" if _word_rows(v3, bits) else _rows(v3, bits)
+
+
+def _bytes(out):
+    """A forward graph's ``(codes, P)`` with the codes as flat bytes (int32 words by rows are viewed as them)."""
+    if out is None or out[0].dtype == torch.uint8:
+        return out
+    return out[0].view(torch.uint8).reshape(-1), out[1]
 
 
 def decode_act(data, P, bits, shape, perm, act, dtype):

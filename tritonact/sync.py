@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["group_key", "global_stats", "all_reduce_sums"]
+__all__ = ["group_key", "global_stats", "all_reduce_sums", "EmptyBatch"]
 
 _GROUPS: dict[str, object] = {}
 
@@ -49,8 +49,11 @@ def global_stats(y: torch.Tensor, key: str, eps: float, eaf: float, rm, rv):
     group = _group(key)
     C = y.shape[1]
     dims = [d for d in range(y.dim()) if d != 1]
-    var, mean = torch.var_mean(y, dim=dims, unbiased=False)
     n = y.numel() // C
+    if n:
+        var, mean = torch.var_mean(y, dim=dims, unbiased=False)
+    else:  # an empty batch on this rank: it counts for nothing, but takes part
+        var = mean = torch.zeros(C, dtype=y.dtype, device=y.device)
     mine = torch.cat([mean.double(), var.double(), torch.full((1,), float(n), dtype=torch.float64, device=y.device)])
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
@@ -75,3 +78,24 @@ def all_reduce_sums(key: str, sum_gz: torch.Tensor, sum_gzxh: torch.Tensor, coun
     both = torch.cat([sum_gz.double(), sum_gzxh.double(), sum_gz.new_full((1,), float(count), dtype=torch.float64)])
     dist.all_reduce(both, group=_group(key))
     return both[:C].float(), both[C : 2 * C].float(), both[2 * C]
+
+
+class EmptyBatch(torch.autograd.Function):
+    """A SyncBatchNorm unit on a rank whose batch is empty: it takes part in the statistics' all-gather (count 0,
+    and updates its running statistics as the other ranks do) and in the backward's all-reduce (zeros), so that the
+    other ranks do not wait for it forever; its output is empty. ``eaf``: the exponential average factor."""
+
+    @staticmethod
+    def forward(ctx, y, key: str, eps: float, eaf: float, rm, rv, dtype):
+        _, _, new_rm, new_rv, _ = global_stats(y, key, eps, eaf, rm, rv)
+        if rm is not None:
+            rm.copy_(new_rm)
+            rv.copy_(new_rv)
+        ctx.key, ctx.C = key, y.shape[1]
+        return torch.empty_like(y, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        zeros = torch.zeros(ctx.C, dtype=torch.float32, device=g.device)
+        all_reduce_sums(ctx.key, zeros, zeros, 0)
+        return torch.zeros_like(g), None, None, None, None, None, None

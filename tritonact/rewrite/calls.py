@@ -52,6 +52,8 @@ class Unit(nn.Module):
     def forward(self, y, residual=None, res_code: Code | None = None):
         bn, spec = self.bn, self.spec
         group = sync.group_key(bn) if bn.training else ""
+        if group and y.numel() == 0 and torch.is_grad_enabled():
+            return self._empty(y, residual, group), None
         if (
             not bn.training
             or not torch.is_grad_enabled()
@@ -108,6 +110,20 @@ class Unit(nn.Module):
         code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [])
         saved.offer(out, code, backend)
         return out, code
+
+    def _empty(self, y, residual, group):
+        """A SyncBatchNorm unit's empty batch on this rank (see ``tritonact.sync.EmptyBatch``)."""
+        bn = self.bn
+        eaf = 0.0 if bn.momentum is None else bn.momentum
+        rm = rv = None
+        if bn.track_running_stats:
+            rm, rv = bn.running_mean, bn.running_var
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                eaf = 1.0 / float(bn.num_batches_tracked)
+        dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
+        out = sync.EmptyBatch.apply(y, group, bn.eps, eaf, rm, rv, dtype)
+        return out if residual is None else out + residual
 
     def _ring_slot(self, y, residual):
         if self.ring is None or self.slot is None or torch.compiler.is_compiling():
