@@ -166,10 +166,8 @@ def _encode3(w, P, bits, relu6, rows):
 
 
 def _unpack3(d: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 words by rows (:func:`words3`, ``(outer, C, words)``) -> int32 codes ``(outer, C, inner)``: code
-    ``k`` of a word is its bits ``[k * bits, (k + 1) * bits)`` (the byte order of :func:`_pack` on a little-endian
-    host). Shifting one word by a vector of shifts, the generated code loads no uint8 vector (inductor's partial
-    uint8 loads made a decode ~7x slower than this: 3.0 vs 0.5 ms for 2 M codes, 1 thread)."""
+    """int32 words by rows (:func:`words3`) -> int32 codes ``(outer, C, inner)``, code ``k`` in bits ``[k * bits,
+    (k + 1) * bits)``: no uint8 vector loads (inductor's partial ones made a decode ~7x slower; docs/kernels.md)."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=d.device)
     q = (d.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return q.reshape(d.shape[0], d.shape[1], -1)
@@ -367,9 +365,7 @@ def _rows_kind(v3, bits: int):
 
 def _bytes(out):
     """A forward graph's ``(codes, P)`` with the codes as flat bytes (int32 words by rows are viewed as them)."""
-    if out is None or out[0].dtype == torch.uint8:
-        return out
-    return out[0].view(torch.uint8).reshape(-1), out[1]
+    return out if out is None or out[0].dtype == torch.uint8 else (out[0].view(torch.uint8).reshape(-1), out[1])
 
 
 def decode_act(data, P, bits, shape, perm, act, dtype):
@@ -424,9 +420,8 @@ def _word_rows(v3, bits: int) -> bool:
 
 
 def words3(data: torch.Tensor, v3, bits: int) -> torch.Tensor:
-    """The packed codes of a ``(outer, C, inner)`` view as the graphs read them: where each row fills whole int32
-    words (:func:`_word_rows`), a ``(outer, C, words)`` int32 view, decoded by :func:`_unpack3`; else the flat
-    bytes."""
+    """Packed codes of an ``(outer, C, inner)`` view as the graphs read them: an ``(outer, C, words)`` int32 view
+    where each row fills whole int32 words (:func:`_word_rows`), else the flat bytes."""
     data = _aligned(data)
     if not _word_rows(v3, bits):
         return data
