@@ -292,14 +292,15 @@ class _Store:
         except Exception:
             return False
         graph.compiled = (lambda *args: fn(*args)[0]) if graph.single else fn
+        graph.blob = None  # loaded: the bytes are not needed again
         return True
 
     def save(self, name: str, graph: _Graph) -> None:
-        folder = self.folder()
-        if graph.blob is None or folder is None or self.failed:
+        folder, blob, graph.blob = self.folder(), graph.blob, None  # (the bytes are not kept in memory)
+        if blob is None or folder is None or self.failed:
             return
         entry = dict(
-            name=name, specs=graph.specs, symbols=graph.symbols, conditions=graph.conditions, blob=graph.blob,
+            name=name, specs=graph.specs, symbols=graph.symbols, conditions=graph.conditions, blob=blob,
             single=graph.single,
         )  # fmt: skip
         try:
