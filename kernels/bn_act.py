@@ -29,11 +29,15 @@ import triton.language as tl
 from tritonact.kernels._config import launch_config, size_bucket
 from tritonact.kernels.quantize import _round_to_bf16
 
+from tritonact import centroids
 from tritonact import reference as ref
 from tritonact.quant import _inverse, memory_order
 
 # rows of the (PARAM_ROWS, C) grid tensor, as laid out by reference.ROWS
 _O, _SGN, _RDP, _RDN, _DP, _DN, _NNEG, _QTOP, _VHI, _A, _B = (tl.constexpr(ref.R[n]) for n in ref.ROWS)
+_ROWS: tl.constexpr = tl.constexpr(ref.PARAM_ROWS)
+_SCALE: tl.constexpr = tl.constexpr(centroids.SCALE)
+_LIMIT: tl.constexpr = tl.constexpr(centroids.LIMIT)
 _EXACT = {"enable_fp_fusion": False}  # GPU: no FMA contraction, so results match torch's op-by-op rounding
 
 
@@ -72,7 +76,31 @@ def _encode(w, p_ptr, c, C, m, j, BITS: tl.constexpr):
 
 
 @triton.jit
-def _decode(q, p_ptr, c, C, VALUE: tl.constexpr):
+def _centroid_add(acc_ptr, w, p_ptr, c, C, m, BITS: tl.constexpr):
+    """Add each element's centroid contribution (``tritonact.centroids``; masked elements none) to ``acc``."""
+    L1: tl.constexpr = (1 << BITS) - 1
+    nneg = tl.load(p_ptr + C * _NNEG + c)
+    qtop = tl.load(p_ptr + C * _QTOP + c)
+    rdp = tl.load(p_ptr + C * _RDP + c)
+    rdn = tl.load(p_ptr + C * _RDN + c)
+    v = (w - tl.load(p_ptr + C * _O + c)) * tl.load(p_ptr + C * _SGN + c)
+    qp = nneg + tl.minimum(tl.floor(v * rdp), qtop - nneg)
+    qn = nneg - 1.0 - tl.minimum(tl.floor(-v * rdn), nneg - 1.0)
+    q = tl.where(v > 0, qp, qn)
+    q = tl.where(v >= tl.load(p_ptr + C * _VHI + c), L1 * 1.0, q)
+    q = tl.minimum(tl.maximum(q, 0.0), L1 * 1.0)
+    q = tl.where(v != v, 0.0, q)
+    pos = q >= nneg
+    e = tl.where(pos, v * rdp, v * rdn) - (q - nneg)
+    keep = m & (e == e) & (tl.abs(e) != float("inf")) & (q <= qtop)
+    f = tl.floor(tl.minimum(tl.maximum(e, -_LIMIT), _LIMIT) * _SCALE + 0.5)
+    key = q.to(tl.int64) * C + c
+    tl.atomic_add(acc_ptr + key, f.to(tl.float64), mask=keep)
+    tl.atomic_add(acc_ptr + (L1 + 1) * C + key, tl.where(keep, 1.0, 0.0).to(tl.float64), mask=keep)
+
+
+@triton.jit
+def _decode(q, p_ptr, c, C, VALUE: tl.constexpr, TABLE: tl.constexpr = False):
     """``(v~, mask)`` of int32 codes ``q`` in the op order of ``reference._decode_v``; with VALUE, ``v~`` is replaced
     by ``w~ = o + sgn * v~``."""
     cm = c < C
@@ -82,7 +110,11 @@ def _decode(q, p_ptr, c, C, VALUE: tl.constexpr):
     sat = qf > tl.load(p_ptr + C * _QTOP + c, mask=cm, other=0.0)
     dp = tl.load(p_ptr + C * _DP + c, mask=cm, other=0.0)
     step = tl.where(pos, dp, tl.load(p_ptr + C * _DN + c, mask=cm, other=0.0))
-    v = tl.where(sat, tl.load(p_ptr + C * _VHI + c, mask=cm, other=0.0), (qf - nneg + 0.5) * step)
+    if TABLE:  # the code's centroid offset (tritonact.centroids), row PARAM_ROWS + q
+        off = tl.load(p_ptr + C * (_ROWS + q.to(tl.int64)) + c, mask=cm, other=0.5)
+    else:
+        off = 0.5
+    v = tl.where(sat, tl.load(p_ptr + C * _VHI + c, mask=cm, other=0.0), ((qf - nneg) + off) * step)
     if VALUE:
         v = tl.load(p_ptr + C * _O + c, mask=cm, other=0.0) + tl.load(p_ptr + C * _SGN + c, mask=cm, other=0.0) * v
     return v, pos & (~sat)
@@ -197,13 +229,17 @@ def _bn_act_fwd_kernel(
     beta_ptr,
     p_ptr,
     xp_ptr,
+    acc_ptr,
+    xacc_ptr,
     numel,
     nbytes,
+    n_stats,
     C,
     inner,
     ACT: tl.constexpr,
     RES: tl.constexpr,
     XH: tl.constexpr,
+    CENT: tl.constexpr,
     Z_DT: tl.constexpr,
     S_DT: tl.constexpr,
     BITS: tl.constexpr,
@@ -236,8 +272,12 @@ def _bn_act_fwd_kernel(
     _store(out_ptr, idx, z, m)
     bm = byte < nbytes
     tl.store(data_ptr + byte, _encode(w, p_ptr, c, C, m, j, BITS), mask=bm)
+    if CENT:  # the first n_stats elements (whole samples) feed the centroid tables
+        _centroid_add(acc_ptr, w, p_ptr, c, C, idx < n_stats, BITS)
     if XH:
         tl.store(xdata_ptr + byte, _encode(xh, xp_ptr, c, C, m, j, BITS), mask=bm)
+        if CENT:
+            _centroid_add(xacc_ptr, xh, xp_ptr, c, C, idx < n_stats, BITS)
 
 
 @triton.jit
@@ -252,6 +292,7 @@ def _decode_fwd_kernel(
     inner,
     ACT: tl.constexpr,
     VALUE: tl.constexpr,
+    TABLE: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -265,7 +306,7 @@ def _decode_fwd_kernel(
     idx = byte[:, None] * PER + j[None, :]
     m = idx < numel
     c = (idx // inner) % C
-    v, keep = _decode(q, p_ptr, c, C, VALUE)
+    v, keep = _decode(q, p_ptr, c, C, VALUE, TABLE)
     if VALUE:  # w~ and the exact mask
         tl.store(out_ptr + idx, v, mask=m)
         tl.store(mask_ptr + idx, keep.to(tl.uint8), mask=m)
@@ -378,6 +419,10 @@ def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act
         dst = _empty(y.shape, perm, out_dtype, y.device)
     data = torch.empty(nbytes, dtype=torch.uint8, device=y.device)
     xdata = torch.empty(nbytes, dtype=torch.uint8, device=y.device) if xP is not None else None
+    cent = centroids.has_table(P, ref.PARAM_ROWS)
+    acc = centroids.new_acc(bits, C, y.device) if cent else data
+    xacc = centroids.new_acc(bits, C, y.device) if cent and xP is not None else acc
+    n_stats = centroids.sample_limit(tuple(y.shape), perm) * (numel // max(y.shape[0], 1))
     cfg = launch_config("bn_fwd", bits=bits, spatial=inner)
     grid = (max(1, triton.cdiv(numel, cfg["BLOCK"])),)
     _bn_act_fwd_kernel[grid](
@@ -394,19 +439,27 @@ def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act
         beta,
         P,
         xP if xP is not None else P,
+        acc,
+        xacc,
         numel,
         nbytes,
+        n_stats,
         C,
         inner,
         ACT=act,
         RES=residual is not None,
         XH=xP is not None,
+        CENT=cent,
         **dts,
         BITS=bits,
         BLOCK=cfg["BLOCK"],
         num_warps=cfg["num_warps"],
         **_EXACT,
     )
+    if cent:
+        centroids.finish_(P, acc, ref.PARAM_ROWS)
+        if xP is not None:
+            centroids.finish_(xP, xacc, ref.PARAM_ROWS)
     return (dst if out is None or dst is out else out.copy_(dst)), data, xdata
 
 
@@ -428,6 +481,7 @@ def _decode_launch(data, P, bits, shape, perm, act, dtype, value):
         inner,
         ACT=act,
         VALUE=value,
+        TABLE=centroids.has_table(P, ref.PARAM_ROWS),
         BITS=bits,
         BLOCK=cfg["BLOCK"],
         num_warps=cfg["num_warps"],

@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 from tritonact.kernels.bn_act import _decode, _empty, _store, _tile, _tiles, _view3
 
+from tritonact import centroids
+from tritonact import reference as ref
+
 
 @triton.jit
 def _bwd_tile(
@@ -39,26 +42,28 @@ def _bwd_tile(
     inner,
     ACT: tl.constexpr,
     XH: tl.constexpr,
+    TAB: tl.constexpr,
     BITS: tl.constexpr,
     BO: tl.constexpr,
     BC: tl.constexpr,
     BI: tl.constexpr,
 ):
     """``(g_z, xh~)`` of one tile, plus its indices and mask. XH: 0 = xh~ is w~, 1 = recovered from the sum's code
-    and the residual, 2 = decoded from the second code."""
+    and the residual, 2 = decoded from the second code. TAB: bit 0 (1) the grid of ``data`` has a centroid table,
+    bit 1 (2) that of ``xdata``."""
     o3, c3, k3, m = _tile(t, cb, outer, C, inner, BO, BC, BI)
     i = (o3 * C + c3) * inner + k3  # memory-order element index (codes, dense outputs)
     PER: tl.constexpr = 8 // BITS
     CODE: tl.constexpr = (1 << BITS) - 1
     shift = (i % PER).to(tl.int32) * BITS
     q = (tl.load(data_ptr + i // PER, mask=m, other=0).to(tl.int32) >> shift) & CODE
-    xh, keep = _decode(q, p_ptr, c3, C, True)
+    xh, keep = _decode(q, p_ptr, c3, C, True, TAB % 2 == 1)
     gz = tl.load(g_ptr + o3 * sgo + c3 * sgc + k3 * sgi, mask=m, other=0.0).to(tl.float32)
     if ACT != "none":
         gz = gz * keep.to(tl.float32)  # like the reference's g * mask (an inf/NaN gradient stays visible)
     if XH == 2:
         q = (tl.load(xdata_ptr + i // PER, mask=m, other=0).to(tl.int32) >> shift) & CODE
-        xh, keep2 = _decode(q, xp_ptr, c3, C, True)
+        xh, keep2 = _decode(q, xp_ptr, c3, C, True, TAB // 2 == 1)
     elif XH == 1:  # (w~ - r - beta) / gamma, gamma == 0 read as 1 (op order of the reference)
         gamma = tl.load(gamma_ptr + c3, mask=c3 < C, other=1.0)
         r = tl.load(r_ptr + o3 * sro + c3 * src + k3 * sri, mask=m, other=0.0).to(tl.float32)
@@ -89,6 +94,7 @@ def _bn_act_reduce_bwd_kernel(
     n_tiles,
     ACT: tl.constexpr,
     XH: tl.constexpr,
+    TAB: tl.constexpr,
     BITS: tl.constexpr,
     BO: tl.constexpr,
     BC: tl.constexpr,
@@ -120,6 +126,7 @@ def _bn_act_reduce_bwd_kernel(
             inner,
             ACT,
             XH,
+            TAB,
             BITS,
             BO,
             BC,
@@ -157,6 +164,7 @@ def _bn_act_bwd_kernel(
     inner,
     ACT: tl.constexpr,
     XH: tl.constexpr,
+    TAB: tl.constexpr,
     JOIN: tl.constexpr,
     BITS: tl.constexpr,
     BO: tl.constexpr,
@@ -185,6 +193,7 @@ def _bn_act_bwd_kernel(
         inner,
         ACT,
         XH,
+        TAB,
         BITS,
         BO,
         BC,
@@ -216,10 +225,13 @@ def unit_backward(
     xd, xP = xh_code if xh_mode == 2 else (data, P)
     gamma, beta = gamma.detach().float(), beta.detach().float()
     args = (data, P, r3, *r3.stride(), xd, xP, gamma, beta)
+    tab = int(centroids.has_table(P, ref.PARAM_ROWS)) + 2 * int(
+        xh_mode == 2 and centroids.has_table(xP, ref.PARAM_ROWS)
+    )
     grid, n_tiles, meta = _tiles("bn_bwd_reduce", g3, split=True, bits=bits)
     part = torch.empty(2, grid[0], C, dtype=torch.float32, device=g.device)
     _bn_act_reduce_bwd_kernel[grid](
-        part, g3, *g3.stride(), *args, outer, C, inner, n_tiles, ACT=act, XH=xh_mode, BITS=bits, **meta
+        part, g3, *g3.stride(), *args, outer, C, inner, n_tiles, ACT=act, XH=xh_mode, TAB=tab, BITS=bits, **meta
     )
     sum_gz, sum_gzxh = part.sum(1)
     M = outer * inner
@@ -243,6 +255,7 @@ def unit_backward(
         inner,
         ACT=act,
         XH=xh_mode,
+        TAB=tab,
         JOIN=joined,
         BITS=bits,
         **meta,

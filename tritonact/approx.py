@@ -36,7 +36,7 @@ class approximate:
         bits: 2, 4 or 8.
         naive: quantize inside the forward pass instead (a baseline whose error compounds with depth).
         backend: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA tensors, torch on CPU).
-        window, positive_fraction, ring, compile, generic, join_codes: see :class:`tritonact.ApproxConfig`.
+        window, positive_fraction, ring, compile, generic, join_codes, decode: see :class:`tritonact.ApproxConfig`.
 
     Example::
 
@@ -60,6 +60,7 @@ class approximate:
         compile: bool | None = None,
         generic: bool | None = None,
         join_codes: int | str | None = None,
+        decode: str | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -67,7 +68,7 @@ class approximate:
             k: v
             for k, v in dict(bits=bits, naive=naive, backend=backend, window=window,
                              positive_fraction=positive_fraction, ring=ring, compile=compile,
-                             generic=generic, join_codes=join_codes).items()
+                             generic=generic, join_codes=join_codes, decode=decode).items()
             if v is not None
         }  # fmt: skip
         if config is not None:
@@ -84,7 +85,9 @@ class approximate:
         self.model = model
         cfg = self.config
         on = cfg.generic and not cfg.naive
-        self._generic = GenericPath(cfg.bits, cfg.effective_window, cfg.effective_compile) if on else None
+        self._generic = (
+            GenericPath(cfg.bits, cfg.effective_window, cfg.effective_compile, cfg.decode == "centroid") if on else None
+        )
         self._swapped: list = []  # (module, had an instance forward, that forward)
         self._rewritten: list = []
         self._report: ApproxReport | None = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tritonact import centroids
 from tritonact import reference as ref
 from tritonact.quant import interpreter_enabled, memory_order, resolve_backend, triton_available
 
@@ -57,13 +58,14 @@ class Backend:
 
     # -- unit forward --------------------------------------------------------------------------------------
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None):  # fmt: skip
+               stats=None, centroids=False):  # fmt: skip
         """``(out, data, P, invstd, xdata, xP, new_rm, new_rv)``: the unit's output (written into ``out`` when
         given), its packed codes and grid, ``1/sigma``, the second code of xh (``None``, ``None`` unless
         ``store_xh``) and the running statistics after this batch (``None`` without them). ``y`` is dense in its
         memory order; ``gamma``, ``beta`` fp32 ``(C,)``; ``eaf`` the BN's exponential average factor. ``stats``:
         the batch statistics computed elsewhere (``tritonact.sync.global_stats``: ``(mean, invstd, new_rm, new_rv,
-        var)``), which the unit normalizes with instead of its own batch's."""
+        var)``), which the unit normalizes with instead of its own batch's. ``centroids``: the grids carry a centroid
+        table measured from this batch (``tritonact.centroids``)."""
         raise NotImplementedError
 
     def bn_act_backward(
@@ -175,7 +177,7 @@ class TorchBackend(Backend):
         return True
 
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None):  # fmt: skip
+               stats=None, centroids=False):  # fmt: skip
         # BN by the module's own op, so output and running statistics are bit-identical to nn.BatchNorm2d's
         new_rm = rm.clone() if rm is not None else None
         new_rv = rv.clone() if rv is not None else None
@@ -205,15 +207,17 @@ class TorchBackend(Backend):
             torch.add(z, residual, out=out)
             del z
             mean, invstd = mean.float(), invstd.float()
-        data, P, xdata, xP = self._codes(y, mean, invstd, gamma, beta, residual, out, bits, act, window, pf, store_xh)
+        data, P, xdata, xP = self._codes(
+            y, mean, invstd, gamma, beta, residual, out, bits, act, window, pf, store_xh, centroids
+        )
         ref.activate_(out, act)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
-    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh):
+    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False):
         """``(data, P, xdata, xP)`` of the unit; ``s`` holds the pre-activation value. Made a few samples at a
         time so temporaries stay small."""
         perm = memory_order(y)
-        grid = dict(bits=bits, window=window, positive_fraction=pf, gamma=gamma, beta=beta)
+        grid = dict(bits=bits, window=window, positive_fraction=pf, gamma=gamma, beta=beta, centroids=cent)
         dims = ref.channel_dims(y)
         bmean, binv = ref.bview(mean, y), ref.bview(invstd, y)
         if residual is None or store_xh:  # xh is monotone in y: its range comes from y's
@@ -229,16 +233,24 @@ class TorchBackend(Backend):
             P, xP = xh_P(act), None
         data = torch.empty((y.numel() * bits + 7) // 8, dtype=torch.uint8, device=y.device)
         xdata = torch.empty_like(data) if xP is not None else None
+        acc = centroids.new_acc(bits, y.shape[1], y.device) if cent else None
+        xacc = centroids.new_acc(bits, y.shape[1], y.device) if cent and xP is not None else None
+        S = centroids.sample_limit(tuple(y.shape), perm)
         for n0, n1, b0, b1 in ref.sample_chunks(tuple(y.shape), perm, bits):
+            k = max(0, min(n1, S) - n0)  # samples of this chunk the centroid statistics see
             if residual is None or store_xh:
                 xh = y[n0:n1].float().sub_(bmean) if y.dtype != torch.float32 else (y[n0:n1] - bmean)
                 xh.mul_(binv)
             if residual is None:
-                data[b0:b1] = ref.encode_ref(xh, P, bits, act)
+                data[b0:b1] = ref.encode_ref(xh, P, bits, act, acc, k)
             else:
-                data[b0:b1] = ref.encode_ref(s[n0:n1].float(), P, bits, act)
+                data[b0:b1] = ref.encode_ref(s[n0:n1].float(), P, bits, act, acc, k)
                 if xdata is not None:
-                    xdata[b0:b1] = ref.encode_ref(xh, xP, bits, "none")
+                    xdata[b0:b1] = ref.encode_ref(xh, xP, bits, "none", xacc, k)
+        if cent:
+            centroids.finish_(P, acc, ref.PARAM_ROWS)
+            if xP is not None:
+                centroids.finish_(xP, xacc, ref.PARAM_ROWS)
         return data, P, xdata, xP
 
     def bn_act_backward(
@@ -269,11 +281,11 @@ class CompiledBackend(TorchBackend):
 
         return compiled.enabled(device)
 
-    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh):
+    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False):
         from tritonact import compiled
 
         perm = memory_order(y)
-        kw = dict(bits=bits, window=window, pf=pf, perm=perm)
+        kw = dict(bits=bits, window=window, pf=pf, perm=perm, centroids=cent)
         codes = None
         if residual is None:
             codes = compiled.forward_xh(y, mean, invstd, gamma, beta, act=act, **kw)
@@ -284,7 +296,7 @@ class CompiledBackend(TorchBackend):
             if sc is not None and xc is not None:
                 codes = (*sc, *xc)
         if codes is None:  # a shape the word-level packing does not fit: the reference for this call
-            return super()._codes(y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh)
+            return super()._codes(y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent)
         return codes
 
     def bn_act_backward(
@@ -350,7 +362,7 @@ class TritonBackend(Backend):
         return triton_available() and (device.type == "cuda" or interpreter_enabled())
 
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None):  # fmt: skip
+               stats=None, centroids=False):  # fmt: skip
         from tritonact.kernels.bn_act import bn_act_forward, bn_stats_forward
 
         gamma, beta = gamma.detach().float(), beta.detach().float()
@@ -366,7 +378,7 @@ class TritonBackend(Backend):
             n = y.numel() // y.shape[1]
             new_rm = (eaf * mean64 + (1.0 - eaf) * rm.double()).to(rm.dtype)
             new_rv = (eaf * (var64 * (n / max(n - 1, 1))) + (1.0 - eaf) * rv.double()).to(rv.dtype)
-        grid = dict(bits=bits, gamma=gamma, beta=beta, window=window, positive_fraction=pf)
+        grid = dict(bits=bits, gamma=gamma, beta=beta, window=window, positive_fraction=pf, centroids=centroids)
         # min/max of xh from those of y: (y - mean) * invstd is monotone in y, also after fp32 rounding
         xh_stats = dict(
             wmin=(ymin - mean) * invstd,

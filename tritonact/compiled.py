@@ -30,7 +30,9 @@ import warnings
 
 import torch
 
+from tritonact import centroids
 from tritonact import reference as ref
+from tritonact.compiled_bodies import _MAKERS, _encode3, _pv  # noqa: F401 (tests use _encode3)
 from tritonact.graphs import Graphs
 from tritonact.quant import _inverse
 
@@ -66,226 +68,6 @@ def view3(x: torch.Tensor, perm, v3) -> torch.Tensor:
 def unview3(x3: torch.Tensor, shape, perm) -> torch.Tensor:
     """Inverse of :func:`view3`: the logical ``shape`` with memory order ``perm``."""
     return x3.view([shape[d] for d in perm]).permute(_inverse(perm))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# compiled bodies (closures over static settings; sizes are dynamic)
-
-
-def _pv(t: torch.Tensor) -> torch.Tensor:
-    """A ``(C,)`` vector viewed to broadcast against ``(outer, C, inner)``."""
-    return t.view(1, -1, 1)
-
-
-def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta):
-    return ref.code_params(
-        bits=bits,
-        act=act,
-        wmin=wmin,
-        wmax=wmax,
-        wmean=wmean,
-        wstd=wstd,
-        gamma=gamma,
-        beta=beta,
-        coded=coded,
-        window=window,
-        positive_fraction=pf,
-    )
-
-
-# Packing ``8 // bits`` codes per byte, LSB first, a machine word at a time: on a little-endian host the bytes of a
-# word are consecutive elements, so an int64 word holds 8 one-byte 4-bit codes (an int32 word 4 one-byte 2-bit
-# codes), and shifting its nibbles (crumbs) together packs them into 4 bytes (1 byte); the inverse spreads a packed
-# word's fields back over a wider word's bytes. Word arithmetic vectorizes in inductor's C++ (int16 shifts and int16
-# conversions do not); gathering adjacent elements into a byte does not. Wider words do more per loop iteration:
-# 8 codes per int64 word packs and unpacks 2-3x faster than 4 per int32 word (measured on a 2-core x86 CPU).
-
-
-def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (one per element, each < 2**bits) packed along the last dim, whose size is a multiple of
-    ``_CODES_PER_WORD[bits]`` -> packed bytes, flat. Given ``(outer, C, inner)`` codes (``inner`` a multiple), the
-    encoder's loop stores one-byte codes and a second loop packs them; given a flat view, inductor either stores the
-    encoder's fp32 values first or recomputes them per word (see ``_encode3``)."""
-    if bits == 8:
-        return q.reshape(-1)
-    if bits == 4:
-        w = q.view(torch.int64)
-        o = w & 0x0F
-        for k in range(1, 8):
-            o = o | ((w >> (4 * k)) & (0x0F << (4 * k)))
-        return o.to(torch.int32).view(torch.uint8).reshape(-1)
-    w = q.view(torch.int32)
-    return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8).reshape(-1)
-
-
-def _unpack(d: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packed bytes (flat) -> uint8 codes, one per element, flat."""
-    if bits == 8:
-        return d
-    if bits == 4:
-        w = d.view(torch.int32).to(torch.int64)
-        o = w & 0x0F
-        for k in range(1, 8):
-            o = o | ((w << (4 * k)) & (0x0F << (8 * k)))
-        return o.view(torch.uint8)
-    w = d.to(torch.int32)
-    return ((w & 0x03) | ((w << 6) & 0x0300) | ((w << 12) & 0x030000) | ((w << 18) & 0x03000000)).view(torch.uint8)
-
-
-def _encode3(w, P, bits, relu6, rows):
-    """Packed codes of ``w`` (fp32 ``(outer, C, inner)``): the values of ``reference.encode_ref``, computed as the
-    two-branch formula of the reference's module docstring with a select (a blend in vectorized C++, cheap here)
-    instead of the reference's arithmetic masks. Each branch is the reference's expression where it is taken (small
-    integers in fp32: exact) and both stay inside ``[0, 2**bits - 1]``; a NaN ``w`` takes the negative branch, where
-    ``fmin`` (which returns its non-NaN operand) makes it code 0 as the reference's ``nan_to_num`` does. So the codes
-    are identical (tested, edge values included). ``rows``: ``"words"`` (each row fills int32 words: returned as
-    them, ``(outer, C, words)``), True (``inner`` is a multiple of the codes per packing word, see :func:`_pack`)
-    or False."""
-    p = lambda name: _pv(P[_R[name]])  # noqa: E731
-    L1 = float((1 << bits) - 1)
-    v = (w - p("o")) * p("sgn")
-    nneg = p("nneg")
-    q_pos = nneg + torch.minimum(torch.floor(v * p("rdp")), p("qtop") - nneg).clamp(min=0.0)
-    q_neg = nneg - 1.0 - torch.fmin(torch.floor(-v * p("rdn")), nneg - 1.0)
-    q = torch.where(v > 0, q_pos, q_neg)
-    if relu6:
-        q = torch.where(v >= p("vhi"), L1, q)
-    if rows == "words":  # int32 words by rows, or-ed from int32 codes: no uint8 vector stores (see _unpack3)
-        qi = q.to(torch.int32).reshape(q.shape[0], q.shape[1], -1, 32 // bits)
-        o = qi[..., 0]
-        for k in range(1, 32 // bits):
-            o = o | (qi[..., k] << (bits * k))
-        return o
-    if rows:
-        return _pack(q.to(torch.uint8), bits)
-    # packed through a flat view: without an elementwise op between q and that view, inductor recomputes the whole
-    # encoder for each packed word (8x slower, measured); with one (a no-op clamp here), it stores q and converts it
-    # in the flat loop
-    q = torch.fmin(torch.fmax(q, torch.zeros_like(q)), torch.full_like(q, L1))
-    return _pack(q.to(torch.uint8).reshape(-1), bits)
-
-
-def _unpack3(d: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 words by rows (:func:`words3`) -> int32 codes ``(outer, C, inner)``, code ``k`` in bits ``[k * bits,
-    (k + 1) * bits)``: no uint8 vector loads (inductor's partial ones made a decode ~7x slower; docs/kernels.md)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=d.device)
-    q = (d.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return q.reshape(d.shape[0], d.shape[1], -1)
-
-
-def _decode3(d, P, bits, act, v3):
-    """``(v~, mask)`` (fp32, bool; shape ``v3``) of the packed codes ``d`` (flat bytes, or words by rows from
-    :func:`words3`): ``reference._decode_v``'s formula."""
-    if d.dim() == 3:  # int32 words by rows: no uint8 loads, and plain strides in the generated code
-        q = _unpack3(d, bits).float()
-    else:
-        # d sliced to the length v3 implies (a no-op at run time): sizes derived from v3's, not from d's, give
-        # inductor plain strides for the 3-D view below (from d's length it indexes with a divide per element);
-        # the view's own size arithmetic still costs integer divisions per stored vector, which words3 avoids
-        q = _unpack(d[: v3[0] * v3[1] * v3[2] * bits // 8], bits).view(v3).float()
-    p = lambda name: _pv(P[_R[name]])  # noqa: E731
-    t = q - p("nneg") + 0.5
-    mask = t > 0
-    v = t.clamp(max=0.0) * p("dn") + t.clamp(min=0.0) * p("dp")
-    if act in (None, "relu6"):
-        sat = q > p("qtop")
-        v = torch.where(sat, p("vhi"), v)
-        mask = mask & ~sat
-    return v, mask
-
-
-def _make_forward_xh(bits, act, window, pf, rows, *_cls):
-    def forward_xh(y3, mean, invstd, gamma, beta):
-        # xh is monotone in y: its range comes from y's (as in backends.TorchBackend._codes)
-        xmin = (y3.amin(dim=(0, 2)).float() - mean) * invstd
-        xmax = (y3.amax(dim=(0, 2)).float() - mean) * invstd
-        zero = torch.zeros_like(xmin)
-        P = _params(bits, act, "xh", window, pf, xmin, xmax, zero, zero + 1.0, gamma, beta)
-        xh = (y3.float() - _pv(mean)) * _pv(invstd)
-        return _encode3(xh, P, bits, act == "relu6", rows), P
-
-    return forward_xh
-
-
-def _make_forward_sum(bits, act, window, pf, rows, *_cls):
-    def forward_sum(s3, gamma, beta):
-        s = s3.float()
-        # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower
-        M = s.numel() // s.shape[1]
-        mean = s.sum(dim=(0, 2)) / M
-        var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
-        P = _params(bits, act, "sum", window, pf, s.amin(dim=(0, 2)), s.amax(dim=(0, 2)), mean, var.sqrt(), gamma, beta)
-        return _encode3(s, P, bits, act == "relu6", rows), P
-
-    return forward_sum
-
-
-def _decoded_act(d, P, bits, act, v3):
-    """A unit's output decoded from its code (fp32, shape ``v3``): ``reference.decode_act_ref``'s formula."""
-    v, _ = _decode3(d, P, bits, act, v3)
-    if act != "none":
-        v = v.clamp(min=0.0)
-    return v * _pv(P[_R["A"]]) + _pv(P[_R["B"]])
-
-
-def _make_decode_act(bits, act, dtype, *_cls):
-    def decode_act(d, P, like3):
-        return _decoded_act(d, P, bits, act, like3.shape).to(dtype)
-
-    return decode_act
-
-
-def _make_backward(bits, act, mode, ract, inplace, *_cls):
-    """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
-    same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code).
-    ``inplace``: ``g_y`` (a join's ``g_z``) is written into ``g3`` (inductor stores into the input's buffer: no
-    activation-sized temporary) and returned as None."""
-
-    def unit_backward(g3, d, P, gamma, beta, invstd, r3, xd, xP):
-        v, mask = _decode3(d, P, bits, act, g3.shape)
-        g_z = g3.float()
-        if act != "none":
-            g_z = g_z * mask
-        if mode == "xh":
-            xv, _ = _decode3(xd, xP, bits, "none", g3.shape)
-            xh = xv * _pv(xP[_R["sgn"]]) + _pv(xP[_R["o"]])
-        else:
-            xh = v * _pv(P[_R["sgn"]]) + _pv(P[_R["o"]])
-            if mode in ("residual", "rcode"):
-                r = r3.float() if mode == "residual" else _decoded_act(xd, xP, bits, ract, g3.shape)
-                g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-                xh = (xh - r - _pv(beta)) / _pv(g_safe)
-        sum_gz = g_z.sum(dim=(0, 2))
-        sum_gzxh = (g_z * xh).sum(dim=(0, 2))
-        M = g3.numel() // gamma.numel()
-        g_y = (g_z - _pv(sum_gz / M) - xh * _pv(sum_gzxh / M)) * _pv(gamma * invstd)
-        if not inplace:
-            return g_y, sum_gzxh, sum_gz, (g_z if mode != "plain" else None)
-        if mode == "plain":
-            g3.copy_(g_y)
-            return None, sum_gzxh, sum_gz, None
-        g3.copy_(g_z)
-        return g_y, sum_gzxh, sum_gz, None
-
-    return unit_backward
-
-
-def _make_pool_index(direction, kernel, stride, padding, dilation, dtype, *_cls):
-    f = ref.local_index if direction == "local" else ref.global_index
-
-    def pool_index(t, w_like):
-        return f(t, (0, 0, 0, w_like.shape[0]), kernel, stride, padding, dilation, dtype)
-
-    return pool_index
-
-
-_MAKERS = {
-    "forward_xh": _make_forward_xh,
-    "forward_sum": _make_forward_sum,
-    "decode_act": _make_decode_act,
-    "backward": _make_backward,
-    "pool_index": _make_pool_index,
-}
 
 
 @functools.cache
@@ -341,20 +123,55 @@ def _is_compile_error(e: Exception) -> bool:
 # entry points (None: not compiled here, run the reference)
 
 
-def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm):
+def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, centroids=False):
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows_kind(v3, bits), *_cls(v3, y, gamma))
-    return _bytes(_call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta))
+    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, *_cls(v3, y, gamma))
+    out = _bytes(_call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta))
+    if out is not None and centroids:
+        _measure(out[1], y, perm, bits, "xh", act, mean, invstd)
+    return out
 
 
-def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm):
+def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False):
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows_kind(v3, bits), *_cls(v3, s, gamma))
-    return _bytes(_call("forward_sum", key, view3(s, perm, v3), gamma, beta))
+    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, *_cls(v3, s, gamma))
+    out = _bytes(_call("forward_sum", key, view3(s, perm, v3), gamma, beta))
+    if out is not None and centroids:
+        _measure(out[1], s, perm, bits, "sum", act, gamma, gamma)
+    return out
+
+
+def _measure(P, x, perm, bits, coded, act, mean, invstd):
+    """Fill the centroid table of ``P`` from ``x``'s first samples (``tritonact.centroids``): a compiled graph gives
+    each element's bin and fixed-point offset a few samples at a time, ``torch.bincount`` sums them (integers in
+    float64: exact, so the table equals the reference's)."""
+    C, L = x.shape[1], 1 << bits
+    acc = centroids.new_acc(bits, C, x.device)
+    S = centroids.sample_limit(tuple(x.shape), perm)
+    for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):
+        if n0 >= S:
+            break
+        xs = x[n0 : min(n1, S)]
+        pos = perm.index(1)
+        v3 = (math.prod(xs.shape[d] for d in perm[:pos]), C, math.prod(xs.shape[d] for d in perm[pos + 1 :]))
+        out = _call("centroid_stats", (bits, coded, act, *_cls(v3, xs)), view3(xs, perm, v3), P, mean, invstd)
+        if out is None:  # compilation failed since: the reference's statistics
+            return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S)
+        key, f = out
+        acc[0] += torch.bincount(key, weights=f, minlength=L * C + 1)[: L * C]
+        acc[1] += torch.bincount(key, minlength=L * C + 1)[: L * C]
+    centroids.finish_(P, acc, ref.PARAM_ROWS)
+
+
+def _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S):
+    w = x.float() if coded == "sum" else (x.float() - ref.bview(mean, x)) * ref.bview(invstd, x)
+    acc.zero_()
+    ref.encode_ref(w, P, bits, act, acc, S)
+    centroids.finish_(P, acc, ref.PARAM_ROWS)
 
 
 def _rows_kind(v3, bits: int):
@@ -373,7 +190,8 @@ def decode_act(data, P, bits, shape, perm, act, dtype):
     if v3 is None:
         return None
     like3 = torch.empty((), dtype=torch.uint8, device=data.device).expand(v3)  # carries the shape only
-    a3 = _call("decode_act", (bits, act, dtype, _word_rows(v3, bits), *_cls(v3)), words3(data, v3, bits), P, like3)
+    key = (bits, act, dtype, _has_table(P), _word_rows(v3, bits), *_cls(v3))
+    a3 = _call("decode_act", key, words3(data, v3, bits), P, like3)
     return None if a3 is None else unview3(a3, shape, perm)
 
 
@@ -400,13 +218,19 @@ def unit_backward(
     g3 = view3(_dense_like(g, perm), perm, v3)
     words = (words3(data, v3, bits), words3(xd, v3, bits) if xd is not None else None)
     args = (g3, words[0], P, gamma, beta, invstd, r3, words[1], xP)
-    out = _call("backward", (bits, act, mode, ract, inplace, _word_rows(v3, bits), *_cls(v3, g, gamma, r3)), *args)
+    tables = (_has_table(P), xP is not None and _has_table(xP))
+    key = (bits, act, mode, ract, inplace, tables, _word_rows(v3, bits), *_cls(v3, g, gamma, r3))
+    out = _call("backward", key, *args)
     if out is None:
         return None
     g_y, g_gamma, g_beta, g_res = (unview3(t, shape, perm) if t is not None and t.dim() == 3 else t for t in out)
     if inplace:  # the graph wrote g_y (a join's g_z) into g
         g_y, g_res = (g, None) if mode == "plain" else (g_y, g)
     return g_y, g_gamma, g_beta, g_res
+
+
+def _has_table(P: torch.Tensor) -> bool:
+    return centroids.has_table(P, ref.PARAM_ROWS)
 
 
 def _aligned(data: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ sum ``s = BN(y) + residual`` (a residual join). Each channel has a threshold-anc
     v >= vhi: q = 2**bits - 1                                    (ReLU6 saturation; vhi = inf otherwise)
     q = clamp(q, 0, 2**bits - 1); NaN -> 0
 
-Decoding: ``v~ = (q - nneg + 0.5) * (dp if q >= nneg else dn)``, ``v~ = vhi`` where ``q > qtop``;
+Decoding: ``v~ = (q - nneg + off[q]) * (dp if q >= nneg else dn)``, ``v~ = vhi`` where ``q > qtop``, with
+``off[q] = 0.5`` (the bin's midpoint) or, where ``P`` has a centroid table, its row for ``q`` (``tritonact.centroids``);
 ``w~ = o + sgn * v~``; mask ``= nneg <= q <= qtop`` (exact); the activation the next layer consumed is
 ``a~ = A * f(v~) + B`` with ``f = max(., 0)`` for ReLU/ReLU6 units and the identity otherwise.
 Codes are packed like ``tritonact.quant`` (memory order, ``8 // bits`` per byte, LSB first).
@@ -22,6 +23,8 @@ import math
 
 import torch
 
+from tritonact import centroids
+from tritonact.pool_index import batch_ranges, global_index, index_dtype, local_index, window_origins  # noqa: F401
 from tritonact.quant import _channel_view_shape, _inverse, memory_order, pack_codes, unpack_codes
 
 ROWS = ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B")
@@ -69,6 +72,7 @@ def code_params(
     coded: str,
     window: float,
     positive_fraction: float | None,
+    centroids: bool = False,
 ) -> torch.Tensor:
     """Per-channel grid of a unit. All inputs are fp32 ``(C,)`` except the python scalars.
 
@@ -77,10 +81,12 @@ def code_params(
         window: half-width of the coded window in standard deviations of ``w``; ``inf`` = observed min/max.
         positive_fraction: share of the levels above the threshold where a channel has values on both sides;
             None splits them by the extent of each side (the generic path, ``tritonact.saved``).
+        centroids: append the ``2**bits`` rows of a centroid table (``tritonact.centroids``), all 0.5 until the
+            encoder measures them.
     """
     L = float(1 << bits)
     C = wmin.numel()
-    P = torch.zeros(PARAM_ROWS, C, dtype=torch.float32, device=wmin.device)
+    P = torch.full((PARAM_ROWS + (int(L) if centroids else 0), C), 0.5, dtype=torch.float32, device=wmin.device)
     one = torch.ones_like(wmin)
     # window in w units, intersected with the observed range
     if math.isinf(window):
@@ -169,7 +175,7 @@ def _rows(P: torch.Tensor, shape_b) -> dict[str, torch.Tensor]:
     return {name: P[i].view(shape_b) for i, name in enumerate(ROWS)}
 
 
-def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = None) -> torch.Tensor:
+def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = None, acc=None, acc_n=None):
     """Packed codes of ``w`` (fp32, any dense layout; channel dim 1) under the grid ``P``.
 
     The formula of the module docstring, computed without boolean masks (``torch.where`` and bool products are
@@ -180,7 +186,8 @@ def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = No
         q = nneg + A - [v <= 0] * (1 + B)                     # [v <= 0] = 1 - max(sign(v), 0)
 
     (small integers: every step is exact). ``act`` other than ``"relu6"`` (or None) skips the saturation test,
-    which cannot fire for such grids.
+    which cannot fire for such grids. ``acc``: centroid statistics (``tritonact.centroids``) the first ``acc_n``
+    samples of ``w`` (all by default) are added to.
     """
     perm = memory_order(w)
     wp = w.permute(perm)
@@ -198,22 +205,36 @@ def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = No
     if act in (None, "relu6"):
         q = torch.where(v >= p["vhi"], L1, q)
     q.clamp_(0.0, L1).nan_to_num_(nan=0.0)  # only a NaN w gives a NaN q here
+    if acc is not None and acc_n != 0:
+        k = w.shape[0] if acc_n is None else acc_n
+        sub = (slice(None),) * perm.index(0) + (slice(0, k),)  # the first k samples, in memory order's view
+        f, keep = centroids.contributions(v[sub], q[sub], p)
+        chan = torch.arange(P.shape[1], device=w.device).view(_channel_view_shape(wp.shape, perm))
+        centroids.accumulate_(acc, f, keep, q[sub], chan, P.shape[1])
     return pack_codes(q.to(torch.uint8), bits)
 
 
 def _decode_v(data, P, bits, shape, perm, act=None, into=None, float_mask=False):
-    """``v~`` (and the mask) of the codes. ``v~ = max(t, 0) * dp + min(t, 0) * dn`` with ``t = q - nneg + 0.5``
-    equals the two-grid formula exactly (one product is 0 or -0); no boolean masks on the hot path."""
+    """``v~`` (and the mask) of the codes: ``t = (q - nneg) + off[q]`` (``off = 0.5``, the midpoint, without a
+    centroid table), ``v~ = t * dp`` where ``q >= nneg`` else ``t * dn``, computed as ``(t * s) * dp + (t * (1 - s))
+    * dn`` with ``s = [q >= nneg]`` (one product is 0 or -0: the same value); no boolean masks on the hot path."""
     perm_shape = [shape[d] for d in perm]
     q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape)
-    p = _rows(P, _channel_view_shape(perm_shape, perm))
+    shape_b = _channel_view_shape(perm_shape, perm)
+    p = _rows(P, shape_b)
     t = q.float() if into is None else into.copy_(q)
     relu6 = act in (None, "relu6")
     sat = (t > p["qtop"]) if relu6 else None
-    t.sub_(p["nneg"]).add_(0.5)  # t > 0  <=>  q >= nneg
-    mask = torch.sign(t).clamp_(min=0.0) if float_mask else t > 0
-    pos = t.clamp(min=0.0).mul_(p["dp"])
-    v = t.clamp_(max=0.0).mul_(p["dn"]).add_(pos)
+    if centroids.has_table(P, PARAM_ROWS):
+        off = centroids.lookup(P, q, torch.arange(P.shape[1], device=q.device).view(shape_b), PARAM_ROWS)
+    else:
+        off = 0.5
+    t.sub_(p["nneg"])
+    side = torch.sign(t.add(0.5)).clamp_(min=0.0)  # 1 where q >= nneg
+    mask = side if float_mask else side > 0
+    t.add_(off)
+    pos = (t * side).mul_(p["dp"])
+    v = t.mul_(side.neg().add_(1.0)).mul_(p["dn"]).add_(pos)
     del pos
     if relu6:
         torch.where(sat, p["vhi"], v, out=v)
@@ -387,55 +408,6 @@ def activate_(out: torch.Tensor, act: str) -> torch.Tensor:
     elif act == "relu6":
         out.clamp_(0.0, 6.0)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# max-pool: the window-local argmax (uint8) a pool keeps instead of its input
-
-
-def batch_ranges(N: int, per_sample: int, target: int | None = None):
-    """Sample ranges of about ``target`` int64 indices each (index maps are made a few samples at a time)."""
-    target = CHUNK_ELEMENTS // 4 if target is None else target  # int64 indices: 8 bytes per element
-    k = max(1, target // max(per_sample, 1))
-    return [(n0, min(N, n0 + k)) for n0 in range(0, N, k)]
-
-
-def index_dtype(in_shape) -> torch.dtype:
-    """Float dtype in which the index arithmetic below is exact: fp32 while a plane has at most 2**20 positions
-    (indices, and the rounding margin of ``floor((i + 0.5) / W)``, stay far inside fp32's 24-bit mantissa), else
-    fp64. Float arithmetic, because integer division does not vectorize on CPU: 4x faster eager, 11x compiled."""
-    return torch.float32 if in_shape[2] * in_shape[3] <= 1 << 20 else torch.float64
-
-
-def window_origins(OH: int, OW: int, stride, padding, device, dtype):
-    """Top-left input coordinates ``(h0 (OH, 1), w0 (1, OW))`` of each max-pool window."""
-    h0 = (torch.arange(OH, device=device, dtype=dtype) * stride[0] - padding[0]).view(OH, 1)
-    w0 = (torch.arange(OW, device=device, dtype=dtype) * stride[1] - padding[1]).view(1, OW)
-    return h0, w0
-
-
-def global_index(local, in_shape, kernel, stride, padding, dilation, dtype=None):
-    """Flat ``H * W`` input index (int64) of each window-local argmax (``local``: uint8, the pool's output shape).
-    ``dtype``: that of the arithmetic (:func:`index_dtype` of ``in_shape`` unless given)."""
-    dtype = dtype or index_dtype(in_shape)
-    W = in_shape[3]
-    h0, w0 = window_origins(*local.shape[-2:], stride, padding, local.device, dtype)
-    loc = local.to(dtype)
-    kh = torch.floor((loc + 0.5) / kernel[1])
-    kw = loc - kh * kernel[1]
-    return ((h0 + kh * dilation[0]) * W + (w0 + kw * dilation[1])).long()
-
-
-def local_index(idx, in_shape, kernel, stride, padding, dilation, dtype=None):
-    """Inverse of :func:`global_index`: the window-local position (uint8) of a flat ``H * W`` argmax."""
-    dtype = dtype or index_dtype(in_shape)
-    W = in_shape[3]
-    h0, w0 = window_origins(*idx.shape[-2:], stride, padding, idx.device, dtype)
-    t = idx.to(dtype)
-    ih = torch.floor((t + 0.5) / W)
-    kh = torch.floor((ih - h0 + 0.5) / dilation[0])
-    kw = torch.floor((t - ih * W - w0 + 0.5) / dilation[1])
-    return (kh * kernel[1] + kw).to(torch.uint8)
 
 
 def empty_in(shape, perm, dtype: torch.dtype, device) -> torch.Tensor:

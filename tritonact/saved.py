@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tritonact import centroids
 from tritonact import reference as ref
 from tritonact.config import DEFAULT_WINDOW, MIN_VALUES
 from tritonact.quant import memory_order
@@ -94,17 +95,20 @@ class Coded:
         return w if self.dtype == torch.float32 else w.to(self.dtype)
 
 
-def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act: str = "relu") -> Coded:
+def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act: str = "relu", cent=False) -> Coded:
     """The code of ``x`` (float, channels at dim 1): per-channel grid from its min/max, clipped to ``window``
     standard deviations around the channel mean where ``window`` is finite. ``compile``: on CPU, the compiled
-    unit forward of ``tritonact.compiled`` (the same formulas) where it applies."""
+    unit forward of ``tritonact.compiled`` (the same formulas) where it applies. ``cent``: with a centroid table
+    (``tritonact.centroids``)."""
     with torch.no_grad():
         if compile and _compiled_ok(x):
             from tritonact import compiled
 
             one = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
             perm = memory_order(x)
-            c = compiled.forward_sum(x.detach(), one, one * 0.0, bits=bits, act=act, window=window, pf=None, perm=perm)
+            c = compiled.forward_sum(
+                x.detach(), one, one * 0.0, bits=bits, act=act, window=window, pf=None, perm=perm, centroids=cent
+            )
             if c is not None:
                 return Coded(c[0], c[1], bits, tuple(x.shape), perm, x.dtype, True, act)
         x32 = x.detach()
@@ -132,8 +136,13 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act
             coded="sum",
             window=window,
             positive_fraction=None,
+            centroids=cent,
         )
-        data = ref.encode_ref(x32, P, bits, act)
+        perm = memory_order(x32)
+        acc = centroids.new_acc(bits, x32.shape[1], x32.device) if cent else None
+        data = ref.encode_ref(x32, P, bits, act, acc, centroids.sample_limit(tuple(x32.shape), perm))
+        if cent:
+            centroids.finish_(P, acc, ref.PARAM_ROWS)
     return Coded(data, P, bits, tuple(x.shape), memory_order(x32), x.dtype, False, act)
 
 
@@ -248,8 +257,8 @@ class GenericPath:
     """The generic path of one converted model. ``forward(model, args, kwargs)`` is the context of one training
     forward; ``last_*`` describe the last one."""
 
-    def __init__(self, bits: int, window: float, compile: bool = False):
-        self.bits, self.window, self.compile = bits, float(window), compile
+    def __init__(self, bits: int, window: float, compile: bool = False, centroids: bool = False):
+        self.bits, self.window, self.compile, self.centroids = bits, float(window), compile, centroids
         self.last_code_bytes = 0  # bytes of the codes the last training forward stored
         self.last_full_bytes = 0  # bytes the same tensors take as autograd would have kept them
         self.last_tensors = 0
@@ -271,6 +280,15 @@ class GenericPath:
                 return contextlib.nullcontext()
         self.skipped = None
         return _Session(self, model, args, kwargs)
+
+
+def own(*tensors) -> None:
+    """tritonact's own saved tensors (grids with their centroid tables, statistics) of the open training forward: the
+    generic path leaves them as they are. (An autograd.Function's saves are packed after its forward returns, outside
+    any ``passthrough`` block.)"""
+    s = getattr(_STATE, "session", None)
+    if s is not None:
+        s.keep.update(_storage_key(t) for t in tensors if t is not None and t.numel())
 
 
 def offer(out: torch.Tensor, code, backend: str) -> None:
@@ -387,10 +405,10 @@ class _Session:
         if hit is not None and hit[0]() is t and hit[1] == t._version:
             return hit[2]
         if p.bits < 8 and saver == "fine":
-            c = encode(t, 8, DEFAULT_WINDOW[8], p.compile)
+            c = encode(t, 8, DEFAULT_WINDOW[8], p.compile, cent=p.centroids)
             p.last_fine += 1
         else:
-            c = encode(t, p.bits, p.window, p.compile, act)
+            c = encode(t, p.bits, p.window, p.compile, act, p.centroids)
         self.cache[key] = (weakref.ref(t), t._version, c)
         p.last_code_bytes += c.nbytes
         p.last_full_bytes += t.numel() * t.element_size()

@@ -17,7 +17,7 @@ from torch import Tensor
 from tritonact import backends, sync
 from tritonact import reference as ref
 from tritonact.quant import memory_order
-from tritonact.saved import passthrough
+from tritonact.saved import own, passthrough
 
 __all__ = ["bn_act", "bn_act_backward", "BNActFn", "direct", "DOUBLE_BACKWARD"]
 
@@ -66,11 +66,13 @@ def bn_act(
     naive: bool,
     backend: str,
     group: str = "",
+    centroids: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var)``; ``xdata``/``xP`` (the
     second code of a join with ``store_xh``) and the running statistics are empty where absent. ``res_*``: the
     residual's code, kept for the backward (the forward adds the exact ``residual``). ``group``: the key of the
-    process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``."""
+    process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``.
+    ``centroids``: the grids ``P``/``xP`` carry centroid tables (``tritonact.centroids``)."""
     return _impl(
         y,
         gamma,
@@ -89,11 +91,12 @@ def bn_act(
         naive,
         backend,
         group,
+        centroids,
     )
 
 
 def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
-          window, positive_fraction, store_xh, naive, backend, group, out=None):  # fmt: skip
+          window, positive_fraction, store_xh, naive, backend, group, centroids, out=None):  # fmt: skip
     if momentum is None:  # cumulative average: the caller has counted this batch already
         eaf = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
@@ -116,6 +119,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         store_xh=store_xh,
         out=out,
         stats=stats,
+        centroids=centroids,
     )
     if naive:  # the baseline: later layers compute on the decoded activation
         out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
@@ -129,18 +133,19 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
 @bn_act.register_fake
 def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
       res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
-      backend, group=""):  # fmt: skip
+      backend, group="", centroids=False):  # fmt: skip
     C = y.shape[1]
+    rows = ref.PARAM_ROWS + ((1 << bits) if centroids else 0)
     dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
     nbytes = (y.numel() * bits + 7) // 8
     f32 = torch.float32
     return (
         torch.empty_like(y, dtype=dtype),
         y.new_empty(nbytes, dtype=torch.uint8),
-        y.new_empty(ref.PARAM_ROWS, C, dtype=f32),
+        y.new_empty(rows, C, dtype=f32),
         y.new_empty(C, dtype=f32),
         y.new_empty(nbytes if store_xh and residual is not None else 0, dtype=torch.uint8),
-        y.new_empty((ref.PARAM_ROWS, C) if store_xh and residual is not None else (0,), dtype=f32),
+        y.new_empty((rows, C) if store_xh and residual is not None else (0,), dtype=f32),
         torch.empty_like(running_mean) if running_mean is not None else y.new_empty(0, dtype=f32),
         torch.empty_like(running_var) if running_var is not None else y.new_empty(0, dtype=f32),
     )
@@ -149,6 +154,7 @@ def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, 
 def _setup(ctx, inputs, output):
     (y, gamma, beta, residual, _rm, _rv, _nbt, _mom, _eps, res_data, res_P, res_local, res_shape, res_perm, res_pool,
      res_act, bits, act, _w, _pf, store_xh, _naive, backend, *group) = inputs  # fmt: skip
+    group = group[:1]  # (group, centroids) when given
     _out, data, P, invstd, xdata, xP = output[:6]
     saved = [data, P, invstd, gamma, beta]
     ctx.mode = "plain"
@@ -160,6 +166,7 @@ def _setup(ctx, inputs, output):
         else:
             ctx.mode, saved = "exact", saved + [residual]
         ctx.res_dtype = residual.dtype
+    own(P, xP, invstd)  # grids (with centroid tables) and statistics stay as they are
     with passthrough():  # an exact residual stays exact (the generic path would code it)
         ctx.save_for_backward(*saved)
     ctx.shape, ctx.perm, ctx.dtype = list(y.shape), list(memory_order(y)), y.dtype
@@ -170,7 +177,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g, *_):
-    n_in = 24
+    n_in = 25
     if g is None:
         return (None,) * n_in
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -219,9 +226,9 @@ class BNActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, *inputs):
         (y, gamma, beta, residual, rm, rv, nbt, momentum, eps, *_res, bits, act, window, pf, store_xh, naive,
-         backend, group) = inputs  # fmt: skip
+         backend, group, centroids) = inputs  # fmt: skip
         outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
-                        naive, backend, group, out=out)  # fmt: skip
+                        naive, backend, group, centroids, out=out)  # fmt: skip
         _setup(ctx, inputs, outputs)
         ctx.first_input = 1
         ctx.mark_non_differentiable(*outputs[1:])

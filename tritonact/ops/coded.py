@@ -16,6 +16,7 @@ from torch import Tensor
 from tritonact import backends
 from tritonact import reference as ref
 from tritonact.ops.bn_act import DOUBLE_BACKWARD, direct
+from tritonact.saved import own
 
 __all__ = ["conv2d", "decode", "max_pool2d", "max_pool2d_backward", "ConvFn", "MaxPoolFn"]
 
@@ -96,6 +97,7 @@ def _conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, data, P, local, code_shape, code_perm, bits, act, pool, be = (
         inputs
     )
+    own(P)  # the code's grid is tritonact's own (with a centroid table it would look codable)
     ctx.save_for_backward(weight, data, P, *([local] if local is not None else []))
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.code = (list(code_shape), list(code_perm), bits, act, list(pool), be)

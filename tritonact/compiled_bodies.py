@@ -1,0 +1,270 @@
+"""The graphs :mod:`tritonact.compiled` traces and compiles: the torch reference's formulas, written as closures over
+static settings (sizes are dynamic) for TorchInductor's C++ backend. ``_MAKERS`` maps a graph kind to its maker."""
+
+from __future__ import annotations
+
+import torch
+
+from tritonact import centroids
+from tritonact import reference as ref
+
+_R = ref.R
+
+
+def _pv(t: torch.Tensor) -> torch.Tensor:
+    """A ``(C,)`` vector viewed to broadcast against ``(outer, C, inner)``."""
+    return t.view(1, -1, 1)
+
+
+def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta, cent=False):
+    return ref.code_params(
+        centroids=cent,
+        bits=bits,
+        act=act,
+        wmin=wmin,
+        wmax=wmax,
+        wmean=wmean,
+        wstd=wstd,
+        gamma=gamma,
+        beta=beta,
+        coded=coded,
+        window=window,
+        positive_fraction=pf,
+    )
+
+
+# Packing ``8 // bits`` codes per byte, LSB first, a machine word at a time: on a little-endian host the bytes of a
+# word are consecutive elements, so an int64 word holds 8 one-byte 4-bit codes (an int32 word 4 one-byte 2-bit
+# codes), and shifting its nibbles (crumbs) together packs them into 4 bytes (1 byte); the inverse spreads a packed
+# word's fields back over a wider word's bytes. Word arithmetic vectorizes in inductor's C++ (int16 shifts and int16
+# conversions do not); gathering adjacent elements into a byte does not. Wider words do more per loop iteration:
+# 8 codes per int64 word packs and unpacks 2-3x faster than 4 per int32 word (measured on a 2-core x86 CPU).
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (one per element, each < 2**bits) packed along the last dim, whose size is a multiple of
+    ``_CODES_PER_WORD[bits]`` -> packed bytes, flat. Given ``(outer, C, inner)`` codes (``inner`` a multiple), the
+    encoder's loop stores one-byte codes and a second loop packs them; given a flat view, inductor either stores the
+    encoder's fp32 values first or recomputes them per word (see ``_encode3``)."""
+    if bits == 8:
+        return q.reshape(-1)
+    if bits == 4:
+        w = q.view(torch.int64)
+        o = w & 0x0F
+        for k in range(1, 8):
+            o = o | ((w >> (4 * k)) & (0x0F << (4 * k)))
+        return o.to(torch.int32).view(torch.uint8).reshape(-1)
+    w = q.view(torch.int32)
+    return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8).reshape(-1)
+
+
+def _unpack(d: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed bytes (flat) -> uint8 codes, one per element, flat."""
+    if bits == 8:
+        return d
+    if bits == 4:
+        w = d.view(torch.int32).to(torch.int64)
+        o = w & 0x0F
+        for k in range(1, 8):
+            o = o | ((w << (4 * k)) & (0x0F << (8 * k)))
+        return o.view(torch.uint8)
+    w = d.to(torch.int32)
+    return ((w & 0x03) | ((w << 6) & 0x0300) | ((w << 12) & 0x030000) | ((w << 18) & 0x03000000)).view(torch.uint8)
+
+
+def _encode3(w, P, bits, relu6, rows):
+    """Packed codes of ``w`` (fp32 ``(outer, C, inner)``): the values of ``reference.encode_ref``, computed as the
+    two-branch formula of the reference's module docstring with a select (a blend in vectorized C++, cheap here)
+    instead of the reference's arithmetic masks. Each branch is the reference's expression where it is taken (small
+    integers in fp32: exact) and both stay inside ``[0, 2**bits - 1]``; a NaN ``w`` takes the negative branch, where
+    ``fmin`` (which returns its non-NaN operand) makes it code 0 as the reference's ``nan_to_num`` does. So the codes
+    are identical (tested, edge values included). ``rows``: ``"words"`` (each row fills int32 words: returned as
+    them, ``(outer, C, words)``), True (``inner`` is a multiple of the codes per packing word, see :func:`_pack`)
+    or False."""
+    L1 = float((1 << bits) - 1)
+    v, q = _vq(w, P, bits, relu6)
+    if rows == "words":  # int32 words by rows, or-ed from int32 codes: no uint8 vector stores (see _unpack3)
+        qi = q.to(torch.int32).reshape(q.shape[0], q.shape[1], -1, 32 // bits)
+        o = qi[..., 0]
+        for k in range(1, 32 // bits):
+            o = o | (qi[..., k] << (bits * k))
+        return o
+    if rows:
+        return _pack(q.to(torch.uint8), bits)
+    # packed through a flat view: without an elementwise op between q and that view, inductor recomputes the whole
+    # encoder for each packed word (8x slower, measured); with one (a no-op clamp here), it stores q and converts it
+    # in the flat loop
+    q = torch.fmin(torch.fmax(q, torch.zeros_like(q)), torch.full_like(q, L1))
+    return _pack(q.to(torch.uint8).reshape(-1), bits)
+
+
+def _vq(w, P, bits, relu6):
+    """``(v, q)`` of ``w`` (fp32 ``(outer, C, inner)``): the coded value and the code, in fp32 (see _encode3)."""
+    p = lambda name: _pv(P[_R[name]])  # noqa: E731
+    v = (w - p("o")) * p("sgn")
+    nneg = p("nneg")
+    q_pos = nneg + torch.minimum(torch.floor(v * p("rdp")), p("qtop") - nneg).clamp(min=0.0)
+    q_neg = nneg - 1.0 - torch.fmin(torch.floor(-v * p("rdn")), nneg - 1.0)
+    q = torch.where(v > 0, q_pos, q_neg)
+    if relu6:
+        q = torch.where(v >= p("vhi"), float((1 << bits) - 1), q)
+    return v, q
+
+
+def _unpack3(d: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words by rows (:func:`words3`) -> int32 codes ``(outer, C, inner)``, code ``k`` in bits ``[k * bits,
+    (k + 1) * bits)``: no uint8 vector loads (inductor's partial ones made a decode ~7x slower; docs/kernels.md)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=d.device)
+    q = (d.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(d.shape[0], d.shape[1], -1)
+
+
+def _decode3(d, P, bits, act, v3, table=False):
+    """``(v~, mask)`` (fp32, bool; shape ``v3``) of the packed codes ``d`` (flat bytes, or words by rows from
+    :func:`words3`): ``reference._decode_v``'s formula; ``table``: ``P`` has a centroid table."""
+    if d.dim() == 3:  # int32 words by rows: no uint8 loads, and plain strides in the generated code
+        q = _unpack3(d, bits)
+        if table:
+            return _decode3_table(q, P, act)
+        q = q.float()
+    else:
+        # d sliced to the length v3 implies (a no-op at run time): sizes derived from v3's, not from d's, give
+        # inductor plain strides for the 3-D view below (from d's length it indexes with a divide per element);
+        # the view's own size arithmetic still costs integer divisions per stored vector, which words3 avoids
+        q = _unpack(d[: v3[0] * v3[1] * v3[2] * bits // 8], bits).view(v3).float()
+    if table:
+        return _decode3_table(q.to(torch.int32), P, act)
+    p = lambda name: _pv(P[_R[name]])  # noqa: E731
+    t = q - p("nneg") + 0.5
+    mask = t > 0
+    v = t.clamp(max=0.0) * p("dn") + t.clamp(min=0.0) * p("dp")
+    if act in (None, "relu6"):
+        sat = q > p("qtop")
+        v = torch.where(sat, p("vhi"), v)
+        mask = mask & ~sat
+    return v, mask
+
+
+def _decode3_table(qi, P, act):
+    """:func:`_decode3` for a grid with a centroid table: ``t = (q - nneg) + off[q]``, the step by the code's side."""
+    p = lambda name: _pv(P[_R[name]])  # noqa: E731
+    C = P.shape[1]
+    off = P[ref.PARAM_ROWS :].reshape(-1)[qi * C + torch.arange(C, dtype=torch.int32, device=qi.device).view(1, -1, 1)]
+    q = qi.float()
+    pos = q >= p("nneg")
+    v = ((q - p("nneg")) + off) * torch.where(pos, p("dp"), p("dn"))
+    mask = pos
+    if act in (None, "relu6"):
+        sat = q > p("qtop")
+        v = torch.where(sat, p("vhi"), v)
+        mask = mask & ~sat
+    return v, mask
+
+
+def _make_centroid_stats(bits, coded, act, *_cls):
+    def centroid_stats(x3, P, mean, invstd):
+        w = (x3.float() - _pv(mean)) * _pv(invstd) if coded == "xh" else x3.float()
+        v, q = _vq(w, P, bits, act == "relu6")
+        f, keep = centroids.contributions(v, q, {name: _pv(P[_R[name]]) for name in ref.ROWS})
+        C = P.shape[1]
+        chan = torch.arange(C, dtype=torch.int32, device=x3.device).view(1, -1, 1)
+        key = torch.where(keep > 0, q.to(torch.int32) * C + chan, (1 << bits) * C)  # excluded: one bin past the end
+        return key.reshape(-1), f.double().reshape(-1)
+
+    return centroid_stats
+
+
+def _make_forward_xh(bits, act, window, pf, rows, cent, *_cls):
+    def forward_xh(y3, mean, invstd, gamma, beta):
+        # xh is monotone in y: its range comes from y's (as in backends.TorchBackend._codes)
+        xmin = (y3.amin(dim=(0, 2)).float() - mean) * invstd
+        xmax = (y3.amax(dim=(0, 2)).float() - mean) * invstd
+        zero = torch.zeros_like(xmin)
+        P = _params(bits, act, "xh", window, pf, xmin, xmax, zero, zero + 1.0, gamma, beta, cent)
+        xh = (y3.float() - _pv(mean)) * _pv(invstd)
+        return _encode3(xh, P, bits, act == "relu6", rows), P
+
+    return forward_xh
+
+
+def _make_forward_sum(bits, act, window, pf, rows, cent, *_cls):
+    def forward_sum(s3, gamma, beta):
+        s = s3.float()
+        # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower
+        M = s.numel() // s.shape[1]
+        mean = s.sum(dim=(0, 2)) / M
+        var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
+        lo, hi = s.amin(dim=(0, 2)), s.amax(dim=(0, 2))
+        P = _params(bits, act, "sum", window, pf, lo, hi, mean, var.sqrt(), gamma, beta, cent)
+        return _encode3(s, P, bits, act == "relu6", rows), P
+
+    return forward_sum
+
+
+def _decoded_act(d, P, bits, act, v3, table=False):
+    """A unit's output decoded from its code (fp32, shape ``v3``): ``reference.decode_act_ref``'s formula."""
+    v, _ = _decode3(d, P, bits, act, v3, table)
+    if act != "none":
+        v = v.clamp(min=0.0)
+    return v * _pv(P[_R["A"]]) + _pv(P[_R["B"]])
+
+
+def _make_decode_act(bits, act, dtype, table, *_cls):
+    def decode_act(d, P, like3):
+        return _decoded_act(d, P, bits, act, like3.shape, table).to(dtype)
+
+    return decode_act
+
+
+def _make_backward(bits, act, mode, ract, inplace, tables, *_cls):
+    """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
+    same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code).
+    ``inplace``: ``g_y`` (a join's ``g_z``) is written into ``g3`` (inductor stores into the input's buffer: no
+    activation-sized temporary) and returned as None."""
+
+    def unit_backward(g3, d, P, gamma, beta, invstd, r3, xd, xP):
+        v, mask = _decode3(d, P, bits, act, g3.shape, tables[0])
+        g_z = g3.float()
+        if act != "none":
+            g_z = g_z * mask
+        if mode == "xh":
+            xv, _ = _decode3(xd, xP, bits, "none", g3.shape, tables[1])
+            xh = xv * _pv(xP[_R["sgn"]]) + _pv(xP[_R["o"]])
+        else:
+            xh = v * _pv(P[_R["sgn"]]) + _pv(P[_R["o"]])
+            if mode in ("residual", "rcode"):
+                r = r3.float() if mode == "residual" else _decoded_act(xd, xP, bits, ract, g3.shape, tables[1])
+                g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+                xh = (xh - r - _pv(beta)) / _pv(g_safe)
+        sum_gz = g_z.sum(dim=(0, 2))
+        sum_gzxh = (g_z * xh).sum(dim=(0, 2))
+        M = g3.numel() // gamma.numel()
+        g_y = (g_z - _pv(sum_gz / M) - xh * _pv(sum_gzxh / M)) * _pv(gamma * invstd)
+        if not inplace:
+            return g_y, sum_gzxh, sum_gz, (g_z if mode != "plain" else None)
+        if mode == "plain":
+            g3.copy_(g_y)
+            return None, sum_gzxh, sum_gz, None
+        g3.copy_(g_z)
+        return g_y, sum_gzxh, sum_gz, None
+
+    return unit_backward
+
+
+def _make_pool_index(direction, kernel, stride, padding, dilation, dtype, *_cls):
+    f = ref.local_index if direction == "local" else ref.global_index
+
+    def pool_index(t, w_like):
+        return f(t, (0, 0, 0, w_like.shape[0]), kernel, stride, padding, dilation, dtype)
+
+    return pool_index
+
+
+_MAKERS = {
+    "forward_xh": _make_forward_xh,
+    "forward_sum": _make_forward_sum,
+    "decode_act": _make_decode_act,
+    "centroid_stats": _make_centroid_stats,
+    "backward": _make_backward,
+    "pool_index": _make_pool_index,
+}
