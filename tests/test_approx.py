@@ -527,7 +527,8 @@ def test_a_forward_kept_past_the_exit_runs_the_model_exactly():
 def test_join_codes_two_stores_the_bn_value_at_every_join_and_lowers_the_error():
     """join_codes=2: every residual join keeps its BN's normalized value as a second code, so the variance term no
     longer comes from the sum's code (whose step grows with the residual stream): more bytes, a smaller conv
-    gradient error (resnet18, 4 bits, 8 x 64x64 at init: median 0.110 -> 0.103, docs/method.md section 3)."""
+    gradient error (resnet18, 4 bits, 8 x 64x64 at init: median 0.110 -> 0.103, docs/method.md section 3). Measured
+    with midpoint decoding, as there; with centroid decoding (the default) the gain is 0.0958 -> 0.0923."""
     import statistics
 
     from tritonact import fidelity
@@ -541,7 +542,9 @@ def test_join_codes_two_stores_the_bn_value_at_every_join_and_lowers_the_error()
     exact = fidelity.exact_run(model, x, y)
     med, nbytes = {}, {}
     for k in (1, 2):
-        errs = fidelity.grad_errors(model, x, y, bits=4, exact=exact, join_codes=k, compile=False, forward_rtol=1e-5)
+        errs = fidelity.grad_errors(
+            model, x, y, bits=4, exact=exact, join_codes=k, compile=False, forward_rtol=1e-5, decode="midpoint"
+        )
         med[k] = statistics.median(errs.errors)
         with tritonact.approximate(model, bits=4, join_codes=k, compile=False) as ctx:
             nbytes[k] = tritonact.activation_bytes_per_sample(model, lambda n: torch.randn(n, 3, 64, 64), (2, 4))

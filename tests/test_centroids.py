@@ -189,6 +189,8 @@ def test_centroids_lower_the_error_on_resnet18():
 
 
 def test_decode_option_is_checked():
-    with pytest.raises(ValueError, match="decode must be 'centroid' or 'midpoint'"):
+    with pytest.raises(ValueError, match="decode must be 'auto', 'centroid' or 'midpoint'"):
         ApproxConfig(decode="mean")
-    assert ApproxConfig().decode == "centroid"
+    cfg = ApproxConfig()
+    assert cfg.decode == "auto" and cfg.centroids(4) and cfg.centroids(2) and not cfg.centroids(8)
+    assert ApproxConfig(decode="centroid").centroids(8) and not ApproxConfig(decode="midpoint").centroids(4)

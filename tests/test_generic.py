@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import tritonact
 from tritonact import fidelity, saved
+from tritonact import reference as ref
 
 
 def _rel(a, b):
@@ -24,9 +25,9 @@ def spy(monkeypatch):
     seen = []
     real = saved.encode
 
-    def encode(x, bits, window, compile=False, act="relu"):
+    def encode(x, bits, window, compile=False, act="relu", cent=False):
         seen.append((tuple(x.shape), x.dtype, bits, x.untyped_storage().data_ptr()))
-        return real(x, bits, window, compile, act)
+        return real(x, bits, window, compile, act, cent)
 
     monkeypatch.setattr(saved, "encode", encode)
     return seen
@@ -65,7 +66,9 @@ def test_masks_stay_exact_and_the_forward_is_exact(spy):
     assert shapes == [(4, 16, 16, 16)] * 3, shapes
     assert {b for _, _, b, _ in spy} == {4}
     g = ctx.report().generic
-    assert g.last_tensors == 3 and g.last_code_bytes < g.last_full_bytes / 7
+    # each: 4-bit codes plus a (PARAM_ROWS + 16, C) fp32 grid with its centroid table (decode "auto" at 4 bits)
+    assert g.last_tensors == 3 and g.last_code_bytes == 3 * (4 * 16 * 16 * 16 // 2 + 4 * 16 * (ref.PARAM_ROWS + 16))
+    assert g.last_code_bytes < g.last_full_bytes / 6.5
 
 
 def test_never_codes_parameters_inputs_small_or_integer_tensors(spy):

@@ -86,7 +86,7 @@ class approximate:
         cfg = self.config
         on = cfg.generic and not cfg.naive
         self._generic = (
-            GenericPath(cfg.bits, cfg.effective_window, cfg.effective_compile, cfg.decode == "centroid") if on else None
+            GenericPath(cfg.bits, cfg.effective_window, cfg.effective_compile, cfg.decode != "midpoint") if on else None
         )
         self._swapped: list = []  # (module, had an instance forward, that forward)
         self._rewritten: list = []

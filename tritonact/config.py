@@ -66,9 +66,11 @@ class ApproxConfig:
             depth). Measured at 4 bits (docs/method.md section 3): resnet152's conv gradient median error 0.197
             (1) / 0.142 ("auto", 30 of 50 joins) / 0.128 (2); on resnet18 and resnet50 "auto" adds none at 4 and
             8 bits, but most of resnet50's joins at 2 bits.
-        decode: what a unit's code decodes to in the backward pass. ``"centroid"`` (default): the mean of the
-            values that produced it, measured per channel and code during the forward (``tritonact.centroids``;
-            ``4 * 2**bits`` bytes per channel); ``"midpoint"``: the middle of its bin. Measured at init (resnet18,
+        decode: what a code decodes to in the backward pass. ``"centroid"``: the mean of the values that produced
+            it, measured per channel and code during the forward (``tritonact.centroids``; a table of
+            ``4 * 2**bits`` bytes per channel); ``"midpoint"``: the middle of its bin; ``"auto"`` (default):
+            centroids for codes of 2 and 4 bits, midpoints at 8 bits (a 1 KiB table per channel would outweigh
+            small batches' codes; the generic path's 8-bit codes never get one). Measured at init (resnet18,
             3 seeds, 8 x 64x64; docs/method.md section 5) the conv gradient median error goes from 0.0067 / 0.109 /
             0.371 to 0.0044 / 0.097 / 0.351 at 8 / 4 / 2 bits.
     """
@@ -82,7 +84,7 @@ class ApproxConfig:
     compile: bool | None = None
     generic: bool = True
     join_codes: int | str = 1
-    decode: str = "centroid"
+    decode: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
@@ -112,8 +114,12 @@ class ApproxConfig:
             raise TypeError(f"generic must be True or False, got {self.generic!r}")
         if isinstance(self.join_codes, bool) or self.join_codes not in (1, 2, "auto"):
             raise ValueError(f"join_codes must be 1, 2 or 'auto', got {self.join_codes!r}")
-        if self.decode not in ("centroid", "midpoint"):
-            raise ValueError(f"decode must be 'centroid' or 'midpoint', got {self.decode!r}")
+        if self.decode not in ("auto", "centroid", "midpoint"):
+            raise ValueError(f"decode must be 'auto', 'centroid' or 'midpoint', got {self.decode!r}")
+
+    def centroids(self, bits: int) -> bool:
+        """Whether codes of ``bits`` bits carry a centroid table under this config's ``decode``."""
+        return self.decode == "centroid" or (self.decode == "auto" and bits <= 4)
 
     @property
     def effective_compile(self) -> bool:

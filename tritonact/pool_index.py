@@ -6,15 +6,6 @@ from __future__ import annotations
 import torch
 
 
-def batch_ranges(N: int, per_sample: int, target: int | None = None):
-    """Sample ranges of about ``target`` int64 indices each (index maps are made a few samples at a time)."""
-    from tritonact.reference import CHUNK_ELEMENTS  # a module constant tests may change
-
-    target = CHUNK_ELEMENTS // 4 if target is None else target  # int64 indices: 8 bytes per element
-    k = max(1, target // max(per_sample, 1))
-    return [(n0, min(N, n0 + k)) for n0 in range(0, N, k)]
-
-
 def index_dtype(in_shape) -> torch.dtype:
     """Float dtype in which the index arithmetic below is exact: fp32 while a plane has at most 2**20 positions
     (indices, and the rounding margin of ``floor((i + 0.5) / W)``, stay far inside fp32's 24-bit mantissa), else

@@ -24,7 +24,7 @@ import math
 import torch
 
 from tritonact import centroids
-from tritonact.pool_index import batch_ranges, global_index, index_dtype, local_index, window_origins  # noqa: F401
+from tritonact.pool_index import global_index, index_dtype, local_index, window_origins  # noqa: F401
 from tritonact.quant import _channel_view_shape, _inverse, memory_order, pack_codes, unpack_codes
 
 ROWS = ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B")
@@ -268,6 +268,13 @@ def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype, out
 
 # Elements per chunk of the CPU path's per-unit work (temporaries are a few times this, whatever the batch).
 CHUNK_ELEMENTS = 1 << 20
+
+
+def batch_ranges(N: int, per_sample: int, target: int | None = None):
+    """Sample ranges of about ``target`` int64 indices each (index maps are made a few samples at a time)."""
+    target = CHUNK_ELEMENTS // 4 if target is None else target  # int64 indices: 8 bytes per element
+    k = max(1, target // max(per_sample, 1))
+    return [(n0, min(N, n0 + k)) for n0 in range(0, N, k)]
 
 
 def sample_chunks(shape, perm, bits: int, target: int | None = None):

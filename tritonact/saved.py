@@ -405,10 +405,10 @@ class _Session:
         if hit is not None and hit[0]() is t and hit[1] == t._version:
             return hit[2]
         if p.bits < 8 and saver == "fine":
-            c = encode(t, 8, DEFAULT_WINDOW[8], p.compile, cent=p.centroids)
+            c = encode(t, 8, DEFAULT_WINDOW[8], p.compile)  # no table: 1 KiB per channel
             p.last_fine += 1
         else:
-            c = encode(t, p.bits, p.window, p.compile, act, p.centroids)
+            c = encode(t, p.bits, p.window, p.compile, act, p.centroids and p.bits <= 4)
         self.cache[key] = (weakref.ref(t), t._version, c)
         p.last_code_bytes += c.nbytes
         p.last_full_bytes += t.numel() * t.element_size()

@@ -44,7 +44,7 @@ class Unit(nn.Module):
         super().__init__()
         self.bn = spec.bn
         self.spec = spec
-        self.centroids = config.decode == "centroid"
+        self.config = config
         self.bits, self.window, self.pf, self.naive = (
             config.bits, config.effective_window, config.positive_fraction, config.naive,
         )  # fmt: skip
@@ -93,7 +93,7 @@ class Unit(nn.Module):
         window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
-            self.pf, spec.store_xh and residual is not None, self.naive, backend, group, self.centroids,
+            self.pf, spec.store_xh and residual is not None, self.naive, backend, group, self.config.centroids(bits),
         )  # fmt: skip
         if direct():
             outputs = BNActFn.apply(self._ring_slot(y, residual), *args)
