@@ -14,9 +14,10 @@ LSB first). Passes over the data (``T`` bytes per element of the activation dtyp
   packed codes (``2T + b/8``; ``+T`` for a residual, ``+b/8`` for a second code of xh).
 * ``_decode_fwd_kernel``: one 1-D pass from codes to ``a~`` or ``(w~, mask)``.
 
-Reductions are two-stage (per-program partials, then a reduce): deterministic, no atomics. The forward and decode
-kernels are compiled without fp contraction, so codes and decoded values equal the torch reference bit for bit
-(given the same grid ``P``) on the GPU as under the interpreter.
+Reductions are two-stage (per-program partials, then a reduce): deterministic, no atomics, except the centroid
+table's integer sums (``_device._centroid_add``: float64 atomic adds of integers, exact in any order). The forward
+and decode kernels are compiled without fp contraction, so codes and decoded values equal the torch reference bit
+for bit (given the same grid ``P``) on the GPU as under the interpreter.
 """
 
 from __future__ import annotations
