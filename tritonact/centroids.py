@@ -37,7 +37,10 @@ __all__ = ["SCALE", "LIMIT", "MIN_VALUES", "has_table", "sample_limit", "contrib
 SCALE = 4096.0  # 1/4096 of a bin: a decoded value is within 1/8192 of a bin of the exact mean
 LIMIT = 4096.0  # |offset| bound in bins: LIMIT * SCALE = 2**24, so f is an exact fp32 integer, its sums exact in
 # float64 (below 2**53 for up to 2**29 values per bin); a value further out counts as LIMIT bins from its bin
-MIN_VALUES = 1 << 14  # values per channel the statistics see at least (in whole samples), when the batch has more
+# Values per channel the statistics see at least (in whole samples), when the batch has more. resnet50, 4 bits,
+# 8 x 64x64, 3 seeds, conv gradient median / max: 0.1068 / 0.1595 with every value (at most 2,048 per channel in
+# any layer), 0.1068 / 0.1645 with 1,024, 0.1068 / 0.1659 with 256.
+MIN_VALUES = 1 << 10
 
 
 def has_table(P: torch.Tensor, param_rows: int) -> bool:
