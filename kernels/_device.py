@@ -39,7 +39,8 @@ def _tile(t, cb, outer, C, inner, BO: tl.constexpr, BC: tl.constexpr, BI: tl.con
 
 @triton.jit
 def _encode(w, p_ptr, c, C, m, j, BITS: tl.constexpr):
-    """Packed codes (one byte per row of ``[BYTES, PER]``) in the op order of ``reference.encode_ref``; masked: 0."""
+    """``(packed, v, q)``: packed codes (one byte per row of ``[BYTES, PER]``) in the op order of
+    ``reference.encode_ref`` (masked: 0), the coded value ``v`` and the codes ``q`` (fp32) for ``_centroid_add``."""
     L1: tl.constexpr = (1 << BITS) - 1
     nneg = tl.load(p_ptr + C * _NNEG + c)
     v = (w - tl.load(p_ptr + C * _O + c)) * tl.load(p_ptr + C * _SGN + c)
@@ -48,25 +49,19 @@ def _encode(w, p_ptr, c, C, m, j, BITS: tl.constexpr):
     q = tl.where(v > 0, qp, qn)
     q = tl.where(v >= tl.load(p_ptr + C * _VHI + c), L1 * 1.0, q)
     q = tl.minimum(tl.maximum(q, 0.0), L1 * 1.0)
-    q = tl.where((v != v) | (~m), 0.0, q).to(tl.int32)
-    return tl.sum(q << (j[None, :] * BITS), axis=1).to(tl.uint8)
+    q = tl.where((v != v) | (~m), 0.0, q)
+    return tl.sum(q.to(tl.int32) << (j[None, :] * BITS), axis=1).to(tl.uint8), v, q
 
 
 @triton.jit
-def _centroid_add(acc_ptr, w, p_ptr, c, C, m, BITS: tl.constexpr):
-    """Add each element's centroid contribution (``tritonact.centroids``; masked elements none) to ``acc``."""
+def _centroid_add(acc_ptr, v, q, p_ptr, c, C, m, BITS: tl.constexpr):
+    """Add the centroid contributions (``tritonact.centroids``) of the elements ``m`` selects to ``acc``, from their
+    coded values ``v`` and codes ``q`` (``_encode``'s)."""
     L1: tl.constexpr = (1 << BITS) - 1
     nneg = tl.load(p_ptr + C * _NNEG + c)
     qtop = tl.load(p_ptr + C * _QTOP + c)
     rdp = tl.load(p_ptr + C * _RDP + c)
     rdn = tl.load(p_ptr + C * _RDN + c)
-    v = (w - tl.load(p_ptr + C * _O + c)) * tl.load(p_ptr + C * _SGN + c)
-    qp = nneg + tl.minimum(tl.floor(v * rdp), qtop - nneg)
-    qn = nneg - 1.0 - tl.minimum(tl.floor(-v * rdn), nneg - 1.0)
-    q = tl.where(v > 0, qp, qn)
-    q = tl.where(v >= tl.load(p_ptr + C * _VHI + c), L1 * 1.0, q)
-    q = tl.minimum(tl.maximum(q, 0.0), L1 * 1.0)
-    q = tl.where(v != v, 0.0, q)
     pos = q >= nneg
     e = tl.where(pos, v * rdp, v * rdn) - (q - nneg)
     keep = m & (e == e) & (tl.abs(e) != float("inf")) & (q <= qtop)

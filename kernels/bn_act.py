@@ -168,13 +168,15 @@ def _bn_act_fwd_kernel(
         z = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
     _store(out_ptr, idx, z, m)
     bm = byte < nbytes
-    tl.store(data_ptr + byte, _encode(w, p_ptr, c, C, m, j, BITS), mask=bm)
+    packed, v, q = _encode(w, p_ptr, c, C, m, j, BITS)
+    tl.store(data_ptr + byte, packed, mask=bm)
     if CENT:  # the first n_stats elements (whole samples) feed the centroid tables
-        _centroid_add(acc_ptr, w, p_ptr, c, C, idx < n_stats, BITS)
+        _centroid_add(acc_ptr, v, q, p_ptr, c, C, idx < n_stats, BITS)
     if XH:
-        tl.store(xdata_ptr + byte, _encode(xh, xp_ptr, c, C, m, j, BITS), mask=bm)
+        packed, v, q = _encode(xh, xp_ptr, c, C, m, j, BITS)
+        tl.store(xdata_ptr + byte, packed, mask=bm)
         if CENT:
-            _centroid_add(xacc_ptr, xh, xp_ptr, c, C, idx < n_stats, BITS)
+            _centroid_add(xacc_ptr, v, q, xp_ptr, c, C, idx < n_stats, BITS)
 
 
 @triton.jit
