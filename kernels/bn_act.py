@@ -321,7 +321,7 @@ def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act
     cent = centroids.has_table(P, ref.PARAM_ROWS)
     acc = centroids.new_acc(bits, C, y.device) if cent else data
     xacc = centroids.new_acc(bits, C, y.device) if cent and xP is not None else acc
-    n_stats = centroids.sample_limit(tuple(y.shape), perm) * (numel // max(y.shape[0], 1))
+    n_stats = centroids.sample_limit(tuple(y.shape), perm, bits) * (numel // max(y.shape[0], 1))
     cfg = launch_config("bn_fwd", bits=bits, spatial=inner)
     grid = (max(1, triton.cdiv(numel, cfg["BLOCK"])),)
     _bn_act_fwd_kernel[grid](

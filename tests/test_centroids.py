@@ -74,11 +74,11 @@ def test_midpoint_table_decodes_like_no_table():
 
 
 def test_statistics_see_the_first_samples_only(monkeypatch):
-    monkeypatch.setattr(centroids, "MIN_VALUES", 2 * 25)  # two samples of 5x5 per channel
+    monkeypatch.setitem(centroids.VALUES, 4, 2 * 25)  # two samples of 5x5 per channel
     torch.manual_seed(2)
     w = torch.randn(6, 3, 5, 5)
-    assert centroids.sample_limit(tuple(w.shape), (0, 1, 2, 3)) == 2
-    assert centroids.sample_limit(tuple(w.shape), (1, 0, 2, 3)) == 6  # batch not outermost: every sample
+    assert centroids.sample_limit(tuple(w.shape), (0, 1, 2, 3), 4) == 2
+    assert centroids.sample_limit(tuple(w.shape), (1, 0, 2, 3), 4) == 6  # batch not outermost: every sample
     data, P = _encoded(w, 4, "relu", n=2)
     w2 = w.clone()
     w2[2:] = w2[2:] * 0.7 + 0.1  # other values in the later samples: the table does not change ...

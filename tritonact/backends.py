@@ -235,7 +235,7 @@ class TorchBackend(Backend):
         xdata = torch.empty_like(data) if xP is not None else None
         acc = centroids.new_acc(bits, y.shape[1], y.device) if cent else None
         xacc = centroids.new_acc(bits, y.shape[1], y.device) if cent and xP is not None else None
-        S = centroids.sample_limit(tuple(y.shape), perm)
+        S = centroids.sample_limit(tuple(y.shape), perm, bits)
         for n0, n1, b0, b1 in ref.sample_chunks(tuple(y.shape), perm, bits):
             k = max(0, min(n1, S) - n0)  # samples of this chunk the centroid statistics see
             if residual is None or store_xh:

@@ -18,7 +18,7 @@ The encoder measures it. For each coded element that is not ReLU6-saturated and 
 Integer sums do not depend on the order of the additions, so every backend (torch, the compiled CPU graphs, Triton
 atomics on the GPU and under the interpreter) gets the same table bit for bit. End bins collect the clipped tails:
 their offsets leave ``[0, 1]`` and they decode to the mean of what was clipped into them. The statistics see the
-first :func:`sample_limit` samples of the batch (all of them unless the batch holds more than ``MIN_VALUES`` values
+first :func:`sample_limit` samples of the batch (all of them unless the batch holds more than ``VALUES[bits]`` values
 per channel without them), so their cost stops growing with the batch.
 
 The table costs ``4 * 2**bits`` bytes per channel (64 at 4 bits), independent of the batch, and is counted wherever
@@ -31,30 +31,34 @@ import math
 
 import torch
 
-__all__ = ["SCALE", "LIMIT", "MIN_VALUES", "has_table", "sample_limit", "contributions", "new_acc", "accumulate_",
-           "finish_", "lookup"]  # fmt: skip
+__all__ = ["SCALE", "LIMIT", "VALUES", "has_table", "sample_limit", "contributions", "new_acc",
+           "accumulate_", "finish_", "lookup"]  # fmt: skip
 
 SCALE = 4096.0  # 1/4096 of a bin: a decoded value is within 1/8192 of a bin of the exact mean
 LIMIT = 4096.0  # |offset| bound in bins: LIMIT * SCALE = 2**24, so f is an exact fp32 integer, its sums exact in
 # float64 (below 2**53 for up to 2**29 values per bin); a value further out counts as LIMIT bins from its bin
-# Values per channel the statistics see at least (in whole samples), when the batch has more. resnet50, 4 bits,
-# 8 x 64x64, 3 seeds, conv gradient median / max: 0.1068 / 0.1595 with every value (at most 2,048 per channel in
-# any layer), 0.1068 / 0.1645 with 1,024, 0.1068 / 0.1659 with 256.
-MIN_VALUES = 1 << 10
+# Values per channel the statistics see at least (in whole samples), by code width, when the batch has more. They
+# cost about 10 ns per value on one CPU thread (graph and index_add_; resnet50 at 16 x 128x128, 4 bits: ~190 ms a
+# step with 1,024, ~90 ms with 256). Conv gradient median / max, resnet50, 4 bits: at 8 x 64x64 (seeds 0-2) 0.1068 /
+# 0.1595 with every value, 0.1068 / 0.1645 with 1,024, 0.1068 / 0.1659 with 256; at 8 x 128x128 (seed 0) 0.1093 /
+# 0.1528 with every value, 0.1102 / 0.1561 with 1,024, 0.1138 / 0.1563 with 256 (midpoints 0.1141: the deep
+# layers' tables need many samples). resnet18, 2 bits, seed 0: 0.351 with 1,024, 0.354 with 256 (midpoints
+# 0.369); 8 bits 0.0044 with 1,024, 0.0066 with 256 (one value per code; midpoints 0.0067).
+VALUES = {2: 1 << 10, 4: 1 << 10, 8: 1 << 12}
 
 
 def has_table(P: torch.Tensor, param_rows: int) -> bool:
     return P.shape[0] > param_rows
 
 
-def sample_limit(shape, perm) -> int:
-    """How many leading samples feed the statistics: enough for ``MIN_VALUES`` values per channel, all of them
+def sample_limit(shape, perm, bits: int) -> int:
+    """How many leading samples feed the statistics: enough for ``VALUES[bits]`` values per channel, all of them
     when the batch is not the outermost dim in memory (then no prefix of the codes is a set of samples)."""
     N = shape[0]
     if not perm or perm[0] != 0:
         return N
     per_channel = math.prod(shape[2:])
-    return min(N, max(1, -(-MIN_VALUES // max(per_channel, 1))))
+    return min(N, max(1, -(-VALUES[bits] // max(per_channel, 1))))
 
 
 def contributions(v: torch.Tensor, q: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:

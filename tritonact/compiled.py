@@ -147,11 +147,12 @@ def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False)
 
 def _measure(P, x, perm, bits, coded, act, mean, invstd):
     """Fill the centroid table of ``P`` from ``x``'s first samples (``tritonact.centroids``): a compiled graph gives
-    each element's bin and fixed-point offset a few samples at a time, ``torch.bincount`` sums them (integers in
-    float64: exact, so the table equals the reference's)."""
+    each element's bin and fixed-point offset a few samples at a time, ``index_add_`` sums them and counts them
+    (integers in float64: exact in any order, so the table equals the reference's; two ``index_add_`` take 8.8 ns
+    a value on one thread, a weighted and a plain ``torch.bincount`` 13.4 ns, (16, 1024, 64) values at 4 bits)."""
     C, L = x.shape[1], 1 << bits
-    acc = centroids.new_acc(bits, C, x.device)
-    S = centroids.sample_limit(tuple(x.shape), perm)
+    acc = torch.zeros(2, L * C + 1, dtype=torch.float64, device=x.device)  # + one bin for the excluded values
+    S = centroids.sample_limit(tuple(x.shape), perm, bits)
     for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):
         if n0 >= S:
             break
@@ -160,11 +161,11 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd):
         v3 = (math.prod(xs.shape[d] for d in perm[:pos]), C, math.prod(xs.shape[d] for d in perm[pos + 1 :]))
         out = _call("centroid_stats", (bits, coded, act, *_cls(v3, xs)), view3(xs, perm, v3), P, mean, invstd)
         if out is None:  # compilation failed since: the reference's statistics
-            return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S)
+            return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc[:, : L * C], S)
         key, f = out
-        acc[0] += torch.bincount(key, weights=f, minlength=L * C + 1)[: L * C]
-        acc[1] += torch.bincount(key, minlength=L * C + 1)[: L * C]
-    centroids.finish_(P, acc, ref.PARAM_ROWS)
+        acc[0].index_add_(0, key, f)
+        acc[1].index_add_(0, key, torch.ones((), dtype=torch.float64, device=x.device).expand(key.numel()))
+    centroids.finish_(P, acc[:, : L * C], ref.PARAM_ROWS)
 
 
 def _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S):
@@ -191,7 +192,7 @@ def decode_act(data, P, bits, shape, perm, act, dtype):
         return None
     like3 = torch.empty((), dtype=torch.uint8, device=data.device).expand(v3)  # carries the shape only
     key = (bits, act, dtype, _has_table(P), _word_rows(v3, bits), *_cls(v3))
-    a3 = _call("decode_act", key, words3(data, v3, bits), P, like3)
+    a3 = _call("decode_act", key, words3(data, v3, bits), graph_params(P, v3), like3)
     return None if a3 is None else unview3(a3, shape, perm)
 
 
@@ -217,7 +218,8 @@ def unit_backward(
         mode = "plain"
     g3 = view3(_dense_like(g, perm), perm, v3)
     words = (words3(data, v3, bits), words3(xd, v3, bits) if xd is not None else None)
-    args = (g3, words[0], P, gamma, beta, invstd, r3, words[1], xP)
+    xP = None if xP is None else graph_params(xP, v3)
+    args = (g3, words[0], graph_params(P, v3), gamma, beta, invstd, r3, words[1], xP)
     tables = (_has_table(P), xP is not None and _has_table(xP))
     key = (bits, act, mode, ract, inplace, tables, _word_rows(v3, bits), *_cls(v3, g, gamma, r3))
     out = _call("backward", key, *args)
@@ -227,6 +229,14 @@ def unit_backward(
     if inplace:  # the graph wrote g_y (a join's g_z) into g
         g_y, g_res = (g, None) if mode == "plain" else (g_y, g)
     return g_y, g_gamma, g_beta, g_res
+
+
+def graph_params(P: torch.Tensor, v3) -> torch.Tensor:
+    """``P`` as the decoding graphs read it: a centroid table stored ``(C, 2**bits)`` (each channel's entries
+    together) where each ``(outer, C, inner)`` row holds one channel, i.e. ``inner > 1``."""
+    if not _has_table(P) or v3[2] == 1:
+        return P
+    return torch.cat([P[: ref.PARAM_ROWS].reshape(-1), P[ref.PARAM_ROWS :].t().reshape(-1)]).view(P.shape)
 
 
 def _has_table(P: torch.Tensor) -> bool:

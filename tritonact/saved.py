@@ -140,7 +140,7 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act
         )
         perm = memory_order(x32)
         acc = centroids.new_acc(bits, x32.shape[1], x32.device) if cent else None
-        data = ref.encode_ref(x32, P, bits, act, acc, centroids.sample_limit(tuple(x32.shape), perm))
+        data = ref.encode_ref(x32, P, bits, act, acc, centroids.sample_limit(tuple(x32.shape), perm, bits))
         if cent:
             centroids.finish_(P, acc, ref.PARAM_ROWS)
     return Coded(data, P, bits, tuple(x.shape), memory_order(x32), x.dtype, False, act)
