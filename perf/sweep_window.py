@@ -1,6 +1,7 @@
 """Sweep the quantizer's window and positive fraction per bit width (the measurement behind docs/method.md).
 
     .venv/bin/python perf/sweep_window.py [--seeds 0 1 2] [--bits 8 4 2] [--res 64] [--json out.json]
+        [--models resnet18 resnet50] [--windows 4 3.5 3] [--pfs 0.75] [--decode auto|centroid|midpoint]
 
 For torchvision resnet18 and resnet50 at init (10 classes, 8 samples of 64x64 or ``--res``, one model and batch per
 seed), reports the conv weight gradient relative L2 error (median over convs, and max) of every setting against exact.
@@ -36,6 +37,9 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--res", type=int, default=64, help="input height and width")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--windows", type=float, nargs="+", default=None, help="only these windows (default: the grid's)")
+    ap.add_argument("--pfs", type=float, nargs="+", default=None, help="only these positive fractions")
+    ap.add_argument("--decode", default="auto", choices=("auto", "centroid", "midpoint"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -48,8 +52,12 @@ def main(argv=None) -> None:
         ex = exact_run(model, x, t)
         for bits in args.bits:
             windows, pfs = GRID[bits]
+            windows, pfs = args.windows or windows, args.pfs or pfs
             for w, pf in itertools.product(windows, pfs):
-                r = grad_errors(model, x, t, bits=bits, exact=ex, window=w, positive_fraction=pf, forward_rtol=1e-5)
+                r = grad_errors(
+                    model, x, t, bits=bits, exact=ex, window=w, positive_fraction=pf, decode=args.decode,
+                    forward_rtol=1e-5,
+                )  # fmt: skip
                 s = summarize(r)
                 rows.append(dict(model=arch, seed=seed, bits=bits, window=w, pf=pf, median=s.median, max=s.max))
                 print(f"{time.time() - t0:7.1f}s {arch} seed {seed} {bits}b W={w} pf={pf}: {s}", flush=True)

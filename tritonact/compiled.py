@@ -153,19 +153,23 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd):
     C, L = x.shape[1], 1 << bits
     acc = torch.zeros(2, L * C + 1, dtype=torch.float64, device=x.device)  # + one bin for the excluded values
     S = centroids.sample_limit(tuple(x.shape), perm, bits)
+    pos = perm.index(1)
+    inner = math.prod(x.shape[d] for d in perm[pos + 1 :])
     for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):
         if n0 >= S:
             break
         xs = x[n0 : min(n1, S)]
-        pos = perm.index(1)
-        v3 = (math.prod(xs.shape[d] for d in perm[:pos]), C, math.prod(xs.shape[d] for d in perm[pos + 1 :]))
+        v3 = (math.prod(xs.shape[d] for d in perm[:pos]), C, inner)
         out = _call("centroid_stats", (bits, coded, act, *_cls(v3, xs)), view3(xs, perm, v3), P, mean, invstd)
         if out is None:  # compilation failed since: the reference's statistics
             return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc[:, : L * C], S)
         key, f = out
         acc[0].index_add_(0, key, f)
         acc[1].index_add_(0, key, torch.ones((), dtype=torch.float64, device=x.device).expand(key.numel()))
-    centroids.finish_(P, acc[:, : L * C], ref.PARAM_ROWS)
+    acc = acc[:, : L * C]
+    if inner > 1:  # channel-major bins (compiled_bodies._make_centroid_stats)
+        acc = acc.view(2, C, L).transpose(1, 2).reshape(2, L * C)
+    centroids.finish_(P, acc, ref.PARAM_ROWS)
 
 
 def _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S):
