@@ -117,6 +117,16 @@ def test_compiled_table_and_decode_equal_the_reference(bits, act, cl):
     a = compiled.decode_act(data, P, bits, tuple(w.shape), perm, act, torch.float32)
     assert a is not None
     assert torch.equal(a, ref.decode_act_ref(data, P, bits, tuple(w.shape), perm, act, torch.float32))
+    # the backward graph reads the table as the reference does (in NCHW from compiled.graph_params' (C, L) copy)
+    g = torch.randn(w.shape).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    args = (bits, tuple(w.shape), perm, act, one, one * 0.1, one)
+    out = compiled.unit_backward(g, data, P, *args)
+    want = ref.unit_backward_ref(g, data, P, *args)
+    assert out is not None
+    for c, e in zip(out[:3], want[:3]):  # the same values; per-channel sums in another order (fp32: ~1e-6)
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    mid = ref.unit_backward_ref(g, data, P[: ref.PARAM_ROWS].clone(), *args)
+    assert not torch.allclose(out[0], mid[0], rtol=1e-3, atol=1e-3)  # and the table changed the result
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="Triton on CPU needs TRITON_INTERPRET=1")
