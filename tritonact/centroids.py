@@ -37,9 +37,9 @@ __all__ = ["SCALE", "LIMIT", "VALUES", "has_table", "sample_limit", "contributio
 SCALE = 4096.0  # 1/4096 of a bin: a decoded value is within 1/8192 of a bin of the exact mean
 LIMIT = 4096.0  # |offset| bound in bins: LIMIT * SCALE = 2**24, so f is an exact fp32 integer, its sums exact in
 # float64 (below 2**53 for up to 2**29 values per bin); a value further out counts as LIMIT bins from its bin
-# Values per channel the statistics see at least (in whole samples), by code width, when the batch has more. They
-# cost about 10 ns per value on one CPU thread (graph and index_add_; resnet50 at 16 x 128x128, 4 bits: ~190 ms a
-# step with 1,024, ~90 ms with 256). Conv gradient median / max, resnet50, 4 bits: at 8 x 64x64 (seeds 0-2) 0.1068 /
+# Values per channel the statistics see at least (in whole samples), by code width, when the batch has more. On
+# the compiled CPU path they cost ~145 ms of a resnet50 16 x 128x128 forward at 4 bits with 1,024 (one thread);
+# 256 cost about half. Conv gradient median / max, resnet50, 4 bits: at 8 x 64x64 (seeds 0-2) 0.1068 /
 # 0.1595 with every value, 0.1068 / 0.1645 with 1,024, 0.1068 / 0.1659 with 256; at 8 x 128x128 (seed 0) 0.1093 /
 # 0.1528 with every value, 0.1102 / 0.1561 with 1,024, 0.1138 / 0.1563 with 256 (midpoints 0.1141: the deep
 # layers' tables need many samples). resnet18, 2 bits, seed 0: 0.351 with 1,024, 0.354 with 256 (midpoints

@@ -32,7 +32,7 @@ import torch
 
 from tritonact import centroids
 from tritonact import reference as ref
-from tritonact.compiled_bodies import _MAKERS, _encode3, _pv  # noqa: F401 (tests use _encode3)
+from tritonact.compiled_bodies import _MAKERS, _encode3, _pv, by_channel  # noqa: F401 (tests use _encode3)
 from tritonact.graphs import Graphs
 from tritonact.quant import _inverse
 
@@ -168,7 +168,7 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd):
         acc[0] += torch.bincount(key, weights=f, minlength=L * C + 1)
         acc[1] += torch.bincount(key, minlength=L * C + 1)
     acc = acc[:, : L * C]
-    if inner > 1:  # channel-major bins (compiled_bodies._make_centroid_stats)
+    if by_channel(inner):  # channel-major bins (compiled_bodies._make_centroid_stats)
         acc = acc.view(2, C, L).transpose(1, 2).reshape(2, L * C)
     centroids.finish_(P, acc, ref.PARAM_ROWS)
 
@@ -238,8 +238,8 @@ def unit_backward(
 
 def graph_params(P: torch.Tensor, v3) -> torch.Tensor:
     """``P`` as the decoding graphs read it: a centroid table stored ``(C, 2**bits)`` (each channel's entries
-    together) where each ``(outer, C, inner)`` row holds one channel, i.e. ``inner > 1``."""
-    if not _has_table(P) or v3[2] == 1:
+    together) where each ``(outer, C, inner)`` row holds one channel (:func:`compiled_bodies.by_channel`)."""
+    if not _has_table(P) or not by_channel(v3[2]):
         return P
     return torch.cat([P[: ref.PARAM_ROWS].reshape(-1), P[ref.PARAM_ROWS :].t().reshape(-1)]).view(P.shape)
 

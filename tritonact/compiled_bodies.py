@@ -152,13 +152,13 @@ def _decode3_table(qi, P, act):
     L, C = tab.shape
     # where a row holds one channel (inner > 1) the table arrives as (C, L) (compiled.graph_params): a channel's
     # entries in one cache line, not L rows 4 KiB apart (a (16, 1024, 8, 8) decode 9x slower than midpoints)
-    by_channel = qi.shape[2] > 1
+    rows_of_one_channel = by_channel(qi.shape[2])
     if L <= 16:
-        cols = tab.reshape(C, L) if by_channel else tab.t()
+        cols = tab.reshape(C, L) if rows_of_one_channel else tab.t()
         off = _select(qi, [_pv(cols[:, k]) for k in range(L)])
     else:  # 8-bit codes: 255 selects cost more than the indexed load
         c = torch.arange(C, dtype=torch.int32, device=qi.device).view(1, -1, 1)
-        off = tab.reshape(-1)[c * L + qi if by_channel else qi * C + c]
+        off = tab.reshape(-1)[c * L + qi if rows_of_one_channel else qi * C + c]
     q = qi.float()
     pos = q >= p("nneg")
     v = ((q - p("nneg")) + off) * torch.where(pos, p("dp"), p("dn"))
@@ -168,6 +168,14 @@ def _decode3_table(qi, P, act):
         v = torch.where(sat, p("vhi"), v)
         mask = mask & ~sat
     return v, mask
+
+
+def by_channel(inner: int) -> bool:
+    """Whether each row of an ``(outer, C, inner)`` view holds one channel's values (``inner > 1``; channels_last is
+    ``(N*H*W, C, 1)``). There centroid tables and their statistics are laid out channel-major (a channel's
+    ``2**bits`` entries together): the decoding graphs read ``compiled.graph_params``' copy, the statistics use
+    bins ``c * 2**bits + q``."""
+    return inner > 1
 
 
 def _select(qi, rows):
@@ -189,10 +197,9 @@ def _make_centroid_stats(bits, coded, act, *_cls):
         f, keep = centroids.contributions(v, q, {name: _pv(P[_R[name]]) for name in ref.ROWS})
         C = P.shape[1]
         chan = torch.arange(C, dtype=torch.int32, device=x3.device).view(1, -1, 1)
-        # channel-major bins (c * L + q) where a row holds one channel: a row's adds hit 2**bits neighbouring
-        # bins (see compiled._measure); code-major (q * C + c) for channels_last
+        # channel-major bins where a row holds one channel: a row's adds hit 2**bits neighbouring bins
         L = 1 << bits
-        bin_ = chan * L + q.to(torch.int32) if x3.shape[2] > 1 else q.to(torch.int32) * C + chan
+        bin_ = chan * L + q.to(torch.int32) if by_channel(x3.shape[2]) else q.to(torch.int32) * C + chan
         key = torch.where(keep > 0, bin_, L * C)  # excluded: one bin past the end
         return key.reshape(-1), f.double().reshape(-1)
 
