@@ -15,7 +15,7 @@ from torch import nn
 
 from tritonact.config import ApproxConfig
 from tritonact.report import ApproxReport, kept_in_full
-from tritonact.rewrite import Rewritten, generate, has_hooks, make_plan, trace
+from tritonact.rewrite import Rewritten, derives, generate, has_hooks, make_plan, trace
 from tritonact.rewrite.calls import backend_name
 from tritonact.rewrite.plan import decide_joins
 from tritonact.rewrite.state import TRACING, structure
@@ -195,7 +195,7 @@ class approximate:
         rep.coded_convs += [prefix + n.target for n in plan.convs]
         rep.coded_pools += [prefix + n.target for n in plan.pools]
         rep.exact += plan.exact
-        if plan.units:
+        if plan.units or (self._generic is not None and derives(gm)):
             rw = generate(gm, plan, self.config)
             self._rewritten.append((prefix, rw))
             if rw.ring_plan is not None:
@@ -206,7 +206,7 @@ class approximate:
                 (n, m, m.training or train_all, has_hooks(m)) for n, m in module.named_modules(remove_duplicate=False)
             ]
             self._swapped.append((module, fwd))
-        elif not prefix:
+        if not plan.units and not prefix:
             rep.exact.append(
                 (
                     type(module).__name__,

@@ -89,8 +89,14 @@ class ApproxReport:
             if g.last_tensors:
                 lines.append(
                     f"generic path: {g.last_tensors} other saved tensors ({g.last_fine} coded at 8 bits, "
-                    f"{g.last_reused} a unit's code serves), {g.last_code_bytes / 2**20:.2f} MiB of codes for "
-                    f"{g.last_full_bytes / 2**20:.2f} MiB ({g.last_full_bytes / max(g.last_code_bytes, 1):.1f}x less)"
+                    f"{g.last_reused - g.last_derived} a unit's code serves, {g.last_derived} an activation's input's "
+                    f"code serves), {g.last_code_bytes / 2**20:.2f} MiB of codes for "
+                    f"{g.last_full_bytes / 2**20:.2f} MiB ("
+                    + (
+                        f"{g.last_full_bytes / g.last_code_bytes:.1f}x less)"
+                        if g.last_code_bytes
+                        else "nothing of its own)"
+                    )
                 )
             total = self.coded_full_bytes + g.last_kept_bytes
             if total:

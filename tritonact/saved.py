@@ -23,20 +23,20 @@ hooks), which this path would otherwise bypass. ``ApproxConfig(generic=False)`` 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import threading
 import weakref
-from dataclasses import dataclass
 
 import torch
 
-from tritonact import centroids
 from tritonact import reference as ref
 from tritonact.config import DEFAULT_WINDOW, MIN_VALUES
-from tritonact.quant import memory_order
+from tritonact.saved_codes import DERIVED, Coded, Derived, PoolIndex, UnitRef, encode
 
-__all__ = ["Coded", "PoolIndex", "GenericPath", "encode", "passthrough", "MIN_NUMEL", "DOUBLE_BACKWARD_GENERIC"]
+__all__ = [
+    "Coded", "PoolIndex", "GenericPath", "encode", "passthrough", "derive", "DERIVED", "MIN_NUMEL",
+    "DOUBLE_BACKWARD_GENERIC",
+]  # fmt: skip
 
 MIN_NUMEL = 4096  # smaller saved tensors (gates, pooled features, logits) are kept as they are
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,92 +58,6 @@ def passthrough():
         yield
     finally:
         _STATE.passthrough = prev
-
-
-@dataclass(eq=False)
-class Coded:
-    """The k-bit code of one saved tensor: packed codes (memory order), its ``(PARAM_ROWS, C)`` grid and what
-    decoding needs."""
-
-    data: torch.Tensor
-    P: torch.Tensor
-    bits: int
-    shape: tuple
-    perm: tuple
-    dtype: torch.dtype
-    compiled: bool = False  # made by the compiled CPU path (decoded by it too)
-    act: str = "relu"  # "relu6": the top code is the saturation, decoded as 6 (and negatives as 0)
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.untyped_storage().nbytes() + self.P.untyped_storage().nbytes()
-
-    def decode(self) -> torch.Tensor:
-        """The approximate tensor, in the original dtype, shape and memory order."""
-        if self.compiled and _compiled_ok(self.data):
-            from tritonact import compiled
-
-            # act "none": A * v~ + B with A = 1, B = 0 (the grid of a "sum" code), i.e. v~ itself; "relu6":
-            # max(v~, 0) with the saturation, all a ReLU6's backward reads
-            act = "none" if self.act == "relu" else self.act
-            w = compiled.decode_act(self.data, self.P, self.bits, self.shape, self.perm, act, self.dtype)
-            if w is not None:
-                return w
-        w, _ = ref.decode_value_ref(self.data, self.P, self.bits, self.shape, self.perm, self.act)
-        if self.act == "relu6":
-            w.clamp_(min=0.0)  # as the compiled decode
-        return w if self.dtype == torch.float32 else w.to(self.dtype)
-
-
-def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act: str = "relu", cent=False) -> Coded:
-    """The code of ``x`` (float, channels at dim 1): per-channel grid from its min/max, clipped to ``window``
-    standard deviations around the channel mean where ``window`` is finite. ``compile``: on CPU, the compiled
-    unit forward of ``tritonact.compiled`` (the same formulas) where it applies. ``cent``: with a centroid table
-    (``tritonact.centroids``)."""
-    with torch.no_grad():
-        if compile and _compiled_ok(x):
-            from tritonact import compiled
-
-            one = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
-            perm = memory_order(x)
-            c = compiled.forward_sum(
-                x.detach(), one, one * 0.0, bits=bits, act=act, window=window, pf=None, perm=perm, centroids=cent
-            )
-            if c is not None:
-                return Coded(c[0], c[1], bits, tuple(x.shape), perm, x.dtype, True, act)
-        x32 = x.detach()
-        if x32.dtype != torch.float32:
-            x32 = x32.float()
-        if not x32.permute(memory_order(x32)).is_contiguous():  # a view with gaps: code a dense copy
-            x32 = x32.contiguous()
-        dims = ref.channel_dims(x32)
-        wmin, wmax = x32.amin(dim=dims), x32.amax(dim=dims)
-        if math.isinf(window):
-            mean = std = wmin  # unused by code_params for an infinite window
-        else:
-            var, mean = torch.var_mean(x32, dim=dims, unbiased=False)
-            std = var.sqrt()
-        one = torch.ones_like(wmin)
-        P = ref.code_params(
-            bits=bits,
-            act=act,
-            wmin=wmin,
-            wmax=wmax,
-            wmean=mean,
-            wstd=std,
-            gamma=one,
-            beta=torch.zeros_like(wmin),
-            coded="sum",
-            window=window,
-            positive_fraction=None,
-            centroids=cent,
-        )
-        perm = memory_order(x32)
-        acc = centroids.new_acc(bits, x32.shape[1], x32.device) if cent else None
-        data = ref.encode_ref(x32, P, bits, act, acc, centroids.sample_limit(tuple(x32.shape), perm, bits))
-        if cent:
-            centroids.finish_(P, acc, ref.PARAM_ROWS)
-    return Coded(data, P, bits, tuple(x.shape), memory_order(x32), x.dtype, False, act)
 
 
 # Modules whose ops read a saved tensor only for a weight gradient, a norm's variance term or its sign: coding it
@@ -204,22 +118,6 @@ def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-@dataclass(eq=False)
-class PoolIndex:
-    """A max-pool's saved argmax (int64, a flat position in the input plane) kept as the uint8 position inside its
-    window (``reference.local_index``): 1 byte instead of 8 per output element, decoded exactly."""
-
-    local: torch.Tensor
-    args: tuple  # in_shape, kernel, stride, padding, dilation
-
-    @property
-    def nbytes(self) -> int:
-        return self.local.untyped_storage().nbytes()
-
-    def decode(self) -> torch.Tensor:
-        return ref.global_index(self.local, *self.args)
-
-
 def pool_index(t: torch.Tensor, frame) -> PoolIndex | None:
     """``t`` as a :class:`PoolIndex` where it is the argmax an ``nn.MaxPool2d`` (called above ``frame``) saves."""
     m, f = _module_of(frame)
@@ -235,12 +133,6 @@ def pool_index(t: torch.Tensor, frame) -> PoolIndex | None:
         return None
     with torch.no_grad():
         return PoolIndex(ref.local_index(t, *args), args)
-
-
-def _compiled_ok(t: torch.Tensor) -> bool:
-    from tritonact import backends, compiled
-
-    return compiled.enabled(t.device) and not backends.user_mode_active()
 
 
 def _storage_key(t: torch.Tensor):
@@ -263,7 +155,8 @@ class GenericPath:
         self.last_full_bytes = 0  # bytes the same tensors take as autograd would have kept them
         self.last_tensors = 0
         self.last_fine = 0  # of those, coded at 8 bits (saved by an op whose input gradient reads the value)
-        self.last_reused = 0  # of those, a unit's output: the unit's code serves (no bytes of their own)
+        self.last_reused = 0  # of those, kept by a code stored already (a unit's, or an activation input's)
+        self.last_derived = 0  # of those, an activation's output kept by its input's code (``DERIVED``)
         self.last_kept_bytes = 0  # floating-point tensors saved as they are (inputs, small ones, ...), not parameters
         self.skipped: str | None = None  # why the last training forward ran without this path
 
@@ -303,20 +196,49 @@ def _key(t: torch.Tensor):
     return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
-@dataclass(eq=False)
-class UnitRef:
-    """A saved tensor that is a unit's output: decoded from the unit's own code."""
+def derive(s: torch.Tensor, x: torch.Tensor, kind: str, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``s``, the exact ``DERIVED[kind](x)`` (kind ``"scale"``: ``x * factor``) of the open training forward;
+    returned as it is. Where ``x`` has a code by now, an op that later saves ``s`` unchanged gets :class:`Derived`
+    from it (see ``DERIVED``)."""
+    if torch.compiler.is_compiling():
+        return s
+    sess = getattr(_STATE, "session", None)
+    if sess is not None and isinstance(s, torch.Tensor) and isinstance(x, torch.Tensor) and s is not x:
+        base = sess.code_of(x)
+        if base is not None:
+            version = factor._version if isinstance(factor, torch.Tensor) else 0
+            entry = (weakref.ref(s), s._version, base, kind, factor, version)
+            sess.derived[_key(s)] = entry
+            if s.is_contiguous():  # also a reshaped view of it (what a Linear on a 4-d input saves)
+                sess.derived[(s.data_ptr(), s.dtype, s.numel())] = entry
+    return s
 
-    code: object  # rewrite.calls.Code
-    backend: str
-    dtype: torch.dtype
 
-    def decode(self) -> torch.Tensor:
-        from tritonact import backends
-
-        c = self.code
-        be = backends.get(self.backend)
-        return be.decode_act(c.data, c.P, c.bits, tuple(c.shape), tuple(c.perm), c.act, self.dtype)
+def derive_product(s: torch.Tensor, a, b) -> torch.Tensor:
+    """``s = a * b`` of the open training forward, returned as it is. Where one factor has a code and the other is a
+    small per-channel tensor (a squeeze-excitation gate, ``(N, C, 1, 1)``, a layer scale, a drop-path's per-sample
+    mask), an op that later saves ``s`` gets it as the decoded factor times the gate (as the multiply's own
+    backward keeps it: itself, or its code where it is big enough to have one)."""
+    if torch.compiler.is_compiling() or getattr(_STATE, "session", None) is None:
+        return s
+    if not all(isinstance(t, torch.Tensor) for t in (s, a, b)):
+        return s
+    for x, g in ((a, b), (b, a)):
+        gs = (1,) * (x.dim() - g.dim()) + tuple(g.shape)  # broadcast from the right
+        if (
+            x.shape == s.shape
+            and x.dim() >= 3
+            and len(gs) == x.dim()
+            and all(n == 1 for n in gs[2:])
+            and gs[0] in (1, x.shape[0])
+            and gs[1] in (1, x.shape[1])
+            and g.dtype == s.dtype
+        ):
+            # the gate as the multiply's backward keeps it: its code where it has one (a big batch), else itself
+            sess = _STATE.session
+            fac = sess.code_of(g) if g.numel() >= MIN_NUMEL else g.detach()
+            return derive(s, x, "scale", fac) if fac is not None else s
+    return s
 
 
 class _Session:
@@ -328,11 +250,13 @@ class _Session:
         self.kept: set = set()  # storages of floating-point tensors saved as they are (counted once)
         self.cache: dict = {}  # _key -> (weakref to the tensor, its version, Coded): one code per saved tensor
         self.offered: dict = {}  # _key -> (weakref to a unit's output, its version, its Code, backend)
+        self.derived: dict = {}  # _key -> (weakref to s, its version, its input's code, kind, factor): ``derive``
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
 
     def __enter__(self):
         p = self.path
         p.last_code_bytes = p.last_full_bytes = p.last_tensors = p.last_fine = p.last_reused = p.last_kept_bytes = 0
+        p.last_derived = 0
         self.hooks.__enter__()
         self.prev, _STATE.session = getattr(_STATE, "session", None), self
         return self
@@ -342,6 +266,7 @@ class _Session:
         self.hooks.__exit__(*exc)
         self.cache.clear()
         self.offered.clear()
+        self.derived.clear()
         self.kept.clear()
         return False
 
@@ -368,6 +293,28 @@ class _Session:
             if key not in self.params and key not in self.kept:
                 self.kept.add(key)
                 self.path.last_kept_bytes += t.untyped_storage().nbytes()
+
+    def code_of(self, x: torch.Tensor):
+        """The code this forward keeps of ``x`` as it is now (a unit's ``UnitRef`` or a ``Coded``), or None."""
+        unit = self.offered.get(_key(x))
+        if unit is not None and unit[0]() is x and unit[1] == x._version:
+            return UnitRef(unit[2], unit[3], x.dtype)
+        hit = self.cache.get((*_key(x), "relu"))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2]
+        return self._derived(x)
+
+    def _derived(self, t: torch.Tensor) -> Derived | None:
+        """``t`` as a :class:`Derived`: an activation output of this forward (``derive``), or a contiguous reshape of
+        one, unchanged since."""
+        d = self.derived.get(_key(t))
+        if d is not None and d[0]() is t and d[1] == t._version:
+            return Derived(d[2], d[3], t.dtype, None, d[4], d[5])
+        d = self.derived.get((t.data_ptr(), t.dtype, t.numel())) if t.is_contiguous() else None
+        s = d[0]() if d is not None else None
+        if s is not None and s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() and d[1] == t._version:
+            return Derived(d[2], d[3], t.dtype, tuple(t.shape), d[4], d[5])
+        return None
 
     def _codable(self, t) -> bool:
         return t.dtype in _FLOATS and self._big(t) and t.numel() // max(t.shape[1], 1) >= MIN_VALUES
@@ -404,6 +351,13 @@ class _Session:
         hit = self.cache.get(key)
         if hit is not None and hit[0]() is t and hit[1] == t._version:
             return hit[2]
+        d = self._derived(t) if act == "relu" else None
+        if d is not None and (saver == "coarse" or d.base.bits >= 8):
+            p.last_reused += 1
+            p.last_derived += 1
+            p.last_tensors += 1
+            p.last_full_bytes += t.numel() * t.element_size()
+            return d
         if p.bits < 8 and saver == "fine":
             c = encode(t, 8, DEFAULT_WINDOW[8], p.compile)  # no table: 1 KiB per channel
             p.last_fine += 1
@@ -421,7 +375,7 @@ class _Session:
 def _unpack(c):
     if isinstance(c, PoolIndex):
         return c.decode()  # exact
-    if not isinstance(c, (Coded, UnitRef)):
+    if not isinstance(c, (Coded, UnitRef, Derived)):
         return c
     if torch.is_grad_enabled():  # a backward with create_graph=True: the code is not differentiable
         raise RuntimeError(DOUBLE_BACKWARD_GENERIC)

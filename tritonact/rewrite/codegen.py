@@ -12,16 +12,18 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
 
+from tritonact import saved
 from tritonact.config import ApproxConfig
 from tritonact.rewrite.calls import CodedConv, CodedPool, Unit
-from tritonact.rewrite.plan import Plan
+from tritonact.rewrite.plan import Plan, has_hooks
 from tritonact.ring import Ring, RingPlan, schedule
 
-__all__ = ["Rewritten", "generate"]
+__all__ = ["Rewritten", "generate", "derives"]
 
 
 @dataclass
@@ -74,6 +76,54 @@ def _out_of_place(node: fx.Node, plan: Plan, modules):
     return None if (m._forward_hooks or m._forward_pre_hooks) else f
 
 
+_DERIVED_MODULES = {nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Mish: "mish"}
+_DERIVED_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish", F.mish: "mish", F.gelu: "gelu"}
+_GELU = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def _derived_kind(m, fn=None, kwargs=None) -> str | None:
+    """The ``saved.DERIVED`` kind of an out-of-place activation call (module ``m`` without hooks, or function
+    ``fn`` with ``kwargs``) whose output is exactly that function of its one input, else None."""
+    if m is not None:
+        if has_hooks(m) or getattr(m, "inplace", False):
+            return None
+        return _GELU.get(m.approximate) if type(m) is nn.GELU else _DERIVED_MODULES.get(type(m))
+    kind = _DERIVED_FUNCTIONS.get(fn)
+    kwargs = dict(kwargs or {})
+    if kind == "gelu":
+        kind = _GELU.get(kwargs.pop("approximate", "none"))
+    elif kwargs.pop("inplace", False):
+        return None
+    return None if kwargs else kind
+
+
+def _derivable(node: fx.Node, modules) -> str | None:
+    if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module" and not node.kwargs:
+        return _derived_kind(modules.get(node.target))
+    if node.op == "call_function":
+        return _derived_kind(None, node.target, node.kwargs)
+    return None
+
+
+def _is_product(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target in (operator.mul, torch.mul)
+        and len(node.args) == 2
+        and not node.kwargs
+        and all(isinstance(a, fx.Node) for a in node.args)
+    )
+
+
+def derives(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls an activation whose saved output the generic path would derive (a graph worth generating
+    without units)."""
+    modules = dict(gm.named_modules())
+    return any(_derivable(node, modules) for node in gm.graph.nodes)
+
+
 def _fetch(root: nn.Module, target: str):
     obj = root
     for part in target.split("."):
@@ -83,7 +133,7 @@ def _fetch(root: nn.Module, target: str):
 
 def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
     """The rewritten GraphModule of traced ``gm`` under ``plan``."""
-    ring_plan = _ring_plan(gm, plan) if config.ring is not False else None
+    ring_plan = _ring_plan(gm, plan) if config.ring is not False and plan.units else None
     ring = Ring(ring_plan.nslots) if ring_plan is not None else None
     modules: dict[str, nn.Module] = dict(gm.named_modules())
     graph = fx.Graph()
@@ -115,7 +165,8 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
             if spec.post is not None:  # a norm-plus-activation module's activation; its output has no code
                 f = _OUT_OF_PLACE.get(type(spec.post)) if getattr(spec.post, "inplace", False) else None
                 post = graph.call_function(f, (env[node],)) if f else call(spec.post, spec.name, "act", (env[node],))
-                env[node] = post
+                kind = _derived_kind(None, f) if f else _derived_kind(spec.post)
+                env[node] = graph.call_function(saved.derive, (post, env[node], kind)) if kind else post
                 del codes[node]
         elif node in plan.convs:
             x = node.args[0]
@@ -126,7 +177,18 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
         elif (f := _out_of_place(node, plan, modules)) is not None:
             # an in-place activation on a unit's output saves a copy of its input (autograd clones what it
             # overwrites); out of place it saves the output itself, whose code the unit already stored
-            env[node] = graph.call_function(f, (env[node.args[0]],))
+            x = env[node.args[0]]
+            env[node] = graph.call_function(f, (x,))
+            if (kind := _derived_kind(None, f)) is not None:
+                env[node] = graph.call_function(saved.derive, (env[node], x, kind))
+        elif _is_product(node):  # a gate multiply: its output, when saved, is the decoded operand times the gate
+            prod = graph.node_copy(node, lambda n: env[n])
+            env[node] = graph.call_function(saved.derive_product, (prod, *prod.args))
+        elif (kind := _derivable(node, modules)) is not None:
+            # its output, when saved (the next convolution's input), is decoded from its input's code
+            env[node] = graph.call_function(
+                saved.derive, (graph.node_copy(node, lambda n: env[n]), env[node.args[0]], kind)
+            )
         else:
             if node.op == "get_attr":  # a parameter, buffer or constant the forward reads: the same object
                 modules[node.target] = _fetch(gm, node.target)

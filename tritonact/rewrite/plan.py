@@ -71,6 +71,10 @@ class _Tracer(fx.Tracer):
         # buffer update once at trace time (num_batches_tracked.add_ on the real buffer) and never again
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and qualname != "":
             return True
+        # a LayerNorm / GroupNorm subclass (torchvision's LayerNorm2d) too: called as a module, the generic path
+        # sees which module saves its input (tritonact.saved.COARSE: bits-bit, not 8-bit, codes)
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and qualname != "":
+            return True
         return super().is_leaf_module(m, qualname) or (has_hooks(m) and qualname != "")
 
 
