@@ -34,7 +34,7 @@ from tritonact.config import DEFAULT_WINDOW, MIN_VALUES
 from tritonact.saved_codes import DERIVED, Coded, Derived, PoolIndex, UnitRef, encode
 
 __all__ = [
-    "Coded", "PoolIndex", "GenericPath", "encode", "passthrough", "derive", "DERIVED", "MIN_NUMEL",
+    "Coded", "PoolIndex", "GenericPath", "encode", "passthrough", "derive", "derive_product", "DERIVED", "MIN_NUMEL",
     "DOUBLE_BACKWARD_GENERIC",
 ]  # fmt: skip
 
