@@ -147,13 +147,14 @@ class _Graph:
         # was compiled under: where one happens, the graph is compiled again with those caches off (the C++ of a
         # graph is still cached: a warm compile takes seconds), which states them; the hit's code, which holds
         # under them (its own conditions held for this input), is what the store keeps.
-        compiled, blob = _STORE.compile(gm, fakes) if _STORE.on() else (None, None)
-        if compiled is None:
-            with (
-                torch._inductor.config.patch(fx_graph_cache=False),
-                torch._functorch.config.patch(enable_autograd_cache=False),
-            ):
-                compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
+        with torch._inductor.config.patch(_inductor_options()):
+            compiled, blob = _STORE.compile(gm, fakes) if _STORE.on() else (None, None)
+            if compiled is None:
+                with (
+                    torch._inductor.config.patch(fx_graph_cache=False),
+                    torch._functorch.config.patch(enable_autograd_cache=False),
+                ):
+                    compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph")
         symbols, specs = {}, []
         for i, val in enumerate(fakes):
             if not isinstance(val, torch.Tensor):
@@ -200,6 +201,15 @@ class _Graph:
                 if e.xreplace(values) != v:
                     return False
         return all(c.xreplace(values) in (sympy.true, True) for c in self.conditions)
+
+
+def _inductor_options() -> dict:
+    """Inductor options for tritonact's graphs. Its C++ backend's tiling heuristics leave a loop scalar where it counts
+    many loads whose index is not contiguous along the vector (here: the packed words, one per 8 or 16 codes, and
+    the per-channel grid rows): a 4-bit decode with a centroid table then ran 7x slower than with midpoints (8.1 vs
+    1.1 ms for a (8, 256, 16, 16) code, one thread, AVX-512), 2.3 ms vectorized."""
+    cpp = getattr(torch._inductor.config, "cpp", None)
+    return {"cpp.enable_tiling_heuristics": False} if hasattr(cpp, "enable_tiling_heuristics") else {}
 
 
 def _sym_expr(v):
