@@ -123,22 +123,22 @@ def _is_compile_error(e: Exception) -> bool:
 # entry points (None: not compiled here, run the reference)
 
 
-def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, centroids=False):
+def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, centroids=False, edge=0.0):
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, *_cls(v3, y, gamma))
+    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, edge, *_cls(v3, y, gamma))
     out = _bytes(_call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta))
     if out is not None and centroids:
         _measure(out[1], y, perm, bits, "xh", act, mean, invstd)
     return out
 
 
-def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False):
+def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False, edge=0.0):
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, *_cls(v3, s, gamma))
+    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, edge, *_cls(v3, s, gamma))
     out = _bytes(_call("forward_sum", key, view3(s, perm, v3), gamma, beta))
     if out is not None and centroids:
         _measure(out[1], s, perm, bits, "sum", act, gamma, gamma)

@@ -16,9 +16,10 @@ def _pv(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1)
 
 
-def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta, cent=False):
+def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta, cent=False, edge=0.0):
     return ref.code_params(
         centroids=cent,
+        edge=edge,
         bits=bits,
         act=act,
         wmin=wmin,
@@ -206,20 +207,20 @@ def _make_centroid_stats(bits, coded, act, *_cls):
     return centroid_stats
 
 
-def _make_forward_xh(bits, act, window, pf, rows, cent, *_cls):
+def _make_forward_xh(bits, act, window, pf, rows, cent, edge, *_cls):
     def forward_xh(y3, mean, invstd, gamma, beta):
         # xh is monotone in y: its range comes from y's (as in backends.TorchBackend._codes)
         xmin = (y3.amin(dim=(0, 2)).float() - mean) * invstd
         xmax = (y3.amax(dim=(0, 2)).float() - mean) * invstd
         zero = torch.zeros_like(xmin)
-        P = _params(bits, act, "xh", window, pf, xmin, xmax, zero, zero + 1.0, gamma, beta, cent)
+        P = _params(bits, act, "xh", window, pf, xmin, xmax, zero, zero + 1.0, gamma, beta, cent, edge)
         xh = (y3.float() - _pv(mean)) * _pv(invstd)
         return _encode3(xh, P, bits, act == "relu6", rows), P
 
     return forward_xh
 
 
-def _make_forward_sum(bits, act, window, pf, rows, cent, *_cls):
+def _make_forward_sum(bits, act, window, pf, rows, cent, edge, *_cls):
     def forward_sum(s3, gamma, beta):
         s = s3.float()
         # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower
@@ -227,7 +228,7 @@ def _make_forward_sum(bits, act, window, pf, rows, cent, *_cls):
         mean = s.sum(dim=(0, 2)) / M
         var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
         lo, hi = s.amin(dim=(0, 2)), s.amax(dim=(0, 2))
-        P = _params(bits, act, "sum", window, pf, lo, hi, mean, var.sqrt(), gamma, beta, cent)
+        P = _params(bits, act, "sum", window, pf, lo, hi, mean, var.sqrt(), gamma, beta, cent, edge)
         return _encode3(s, P, bits, act == "relu6", rows), P
 
     return forward_sum

@@ -285,3 +285,21 @@ def dequantize(packed: PackedTensor, *, backend: str | None = None) -> torch.Ten
         dequantize_forward(out, packed.data, packed.lo, packed.step, packed.bits, inner)
         return out.permute(_inverse(packed.perm))
     return _dequantize_torch(packed)
+
+
+def edge_aligned_grid(lo, hi, e1, e2, L: float):
+    """``(origin, step)`` of an ``L``-bin uniform grid that covers ``[lo, hi]`` and has bin edges at ``e1 < e2``
+    where they lie inside it: both (an integer number of bins between them, at the cost of at most two bins of
+    resolution), or one, or none (then the plain grid ``lo + k * (hi - lo) / L``). A value and its bin's decoded
+    value are then always on the same side of each edge."""
+    span = torch.clamp(hi - lo, min=1e-20)
+    in1, in2 = (e1 > lo) & (e1 < hi), (e2 > lo) & (e2 < hi)
+    gap = e2 - e1
+    n = torch.floor((L - 2.0) * gap / span)
+    both = in1 & in2 & (n >= 1)  # (n = 0: the edges closer than the span allows, align the first only)
+    one_ = (in1 | in2) & ~both
+    step = torch.where(both, gap / torch.clamp(n, min=1.0), torch.where(one_, span / (L - 1.0), span / L))
+    step = torch.clamp(step, min=1e-20)
+    e = torch.where(in1, e1, e2)
+    aligned = e - torch.ceil((e - lo) / step) * step
+    return torch.where(both | one_, aligned, lo), step

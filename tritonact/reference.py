@@ -25,7 +25,7 @@ import torch
 
 from tritonact import centroids
 from tritonact.pool_index import global_index, index_dtype, local_index, window_origins  # noqa: F401
-from tritonact.quant import _channel_view_shape, _inverse, memory_order, pack_codes, unpack_codes
+from tritonact.quant import _channel_view_shape, _inverse, edge_aligned_grid, memory_order, pack_codes, unpack_codes
 
 ROWS = ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B")
 R = {name: i for i, name in enumerate(ROWS)}
@@ -73,6 +73,7 @@ def code_params(
     window: float,
     positive_fraction: float | None,
     centroids: bool = False,
+    edge: float = 0.0,
 ) -> torch.Tensor:
     """Per-channel grid of a unit. All inputs are fp32 ``(C,)`` except the python scalars.
 
@@ -83,6 +84,9 @@ def code_params(
             None splits them by the extent of each side (the generic path, ``tritonact.saved``).
         centroids: append the ``2**bits`` rows of a centroid table (``tritonact.centroids``), all 0.5 until the
             encoder measures them.
+        edge: ``act == "none"`` only: where ``> 0``, the value ``±edge`` (of the unit's output) falls on bin edges
+            wherever it lies inside the coded range (``quant.edge_aligned_grid``); an activation whose derivative
+            jumps there (Hardswish, Hardsigmoid: 3) then gets it exact from the code.
     """
     L = float(1 << bits)
     C = wmin.numel()
@@ -102,6 +106,15 @@ def code_params(
         qtop = torch.full_like(wmin, L - 1)
         vhi = torch.full_like(wmin, math.inf)
         dp = torch.clamp(vmax / L, min=_TINY)
+        if edge > 0:
+            if coded == "xh":  # the output gamma * xh + beta at -edge and +edge, in xh units
+                g_safe = torch.where(gamma == 0, one, gamma)
+                ea, eb = (-edge - beta) / g_safe, (edge - beta) / g_safe
+                nan = torch.full_like(ea, math.nan)  # gamma == 0: a constant output, no edge inside
+                ea, eb = torch.where(gamma == 0, nan, ea), torch.where(gamma == 0, nan, eb)
+            else:
+                ea, eb = torch.full_like(wmin, -edge), torch.full_like(wmin, edge)
+            o, dp = edge_aligned_grid(lo_w, hi_w, torch.minimum(ea, eb), torch.maximum(ea, eb), L)
         dn = one
         if coded == "xh":
             A, B = gamma, gamma * o + beta

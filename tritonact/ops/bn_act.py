@@ -67,12 +67,14 @@ def bn_act(
     backend: str,
     group: str = "",
     centroids: bool = False,
+    edge: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var)``; ``xdata``/``xP`` (the
     second code of a join with ``store_xh``) and the running statistics are empty where absent. ``res_*``: the
     residual's code, kept for the backward (the forward adds the exact ``residual``). ``group``: the key of the
     process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``.
-    ``centroids``: the grids ``P``/``xP`` carry centroid tables (``tritonact.centroids``)."""
+    ``centroids``: the grids ``P``/``xP`` carry centroid tables (``tritonact.centroids``). ``edge``: ``P``'s bins
+    have edges at the output values ``±edge`` (``reference.code_params``)."""
     return _impl(
         y,
         gamma,
@@ -92,11 +94,12 @@ def bn_act(
         backend,
         group,
         centroids,
+        edge,
     )
 
 
 def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
-          window, positive_fraction, store_xh, naive, backend, group, centroids, out=None):  # fmt: skip
+          window, positive_fraction, store_xh, naive, backend, group, centroids, edge=0.0, out=None):  # fmt: skip
     if momentum is None:  # cumulative average: the caller has counted this batch already
         eaf = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
@@ -120,6 +123,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         out=out,
         stats=stats,
         centroids=centroids,
+        edge=edge,
     )
     if naive:  # the baseline: later layers compute on the decoded activation
         out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
@@ -133,7 +137,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
 @bn_act.register_fake
 def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
       res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
-      backend, group="", centroids=False):  # fmt: skip
+      backend, group="", centroids=False, edge=0.0):  # fmt: skip
     C = y.shape[1]
     rows = ref.PARAM_ROWS + ((1 << bits) if centroids else 0)
     dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
@@ -154,7 +158,7 @@ def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, 
 def _setup(ctx, inputs, output):
     (y, gamma, beta, residual, _rm, _rv, _nbt, _mom, _eps, res_data, res_P, res_local, res_shape, res_perm, res_pool,
      res_act, bits, act, _w, _pf, store_xh, _naive, backend, *group) = inputs  # fmt: skip
-    group = group[:1]  # (group, centroids) when given
+    group = group[:1]  # (group, centroids, edge) when given
     _out, data, P, invstd, xdata, xP = output[:6]
     saved = [data, P, invstd, gamma, beta]
     ctx.mode = "plain"
@@ -177,7 +181,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g, *_):
-    n_in = 25
+    n_in = 26  # the op's inputs, y to edge
     if g is None:
         return (None,) * n_in
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -226,9 +230,9 @@ class BNActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, *inputs):
         (y, gamma, beta, residual, rm, rv, nbt, momentum, eps, *_res, bits, act, window, pf, store_xh, naive,
-         backend, group, centroids) = inputs  # fmt: skip
+         backend, group, centroids, edge) = inputs  # fmt: skip
         outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
-                        naive, backend, group, centroids, out=out)  # fmt: skip
+                        naive, backend, group, centroids, edge, out=out)  # fmt: skip
         _setup(ctx, inputs, outputs)
         ctx.first_input = 1
         ctx.mark_non_differentiable(*outputs[1:])

@@ -95,6 +95,7 @@ class Unit(nn.Module):
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
             self.pf, spec.store_xh and residual is not None, self.naive, backend, group,
             self.config.centroids(bits) and y.numel() >= (2 << bits) * C,  # a table only for 2 values per code or more
+            spec.edge,
         )  # fmt: skip
         if direct():
             outputs = BNActFn.apply(self._ring_slot(y, residual), *args)
