@@ -70,9 +70,9 @@ def make(shape, dtype, cl, device, seed=0, residual=False):
     return y, r, gamma.to(device), beta.to(device)
 
 
-def make_spec(C, act, join, bits, device, momentum=0.1, track=True):
+def make_spec(C, act, join, bits, device, momentum=0.1, track=True, edge=0.0):
     bn = nn.BatchNorm2d(C, momentum=momentum, track_running_stats=track).to(device)
-    return SimpleNamespace(bn=bn, act=act, bits=bits, store_xh=join == "sum+xh")
+    return SimpleNamespace(bn=bn, act=act, bits=bits, store_xh=join == "sum+xh", edge=edge)
 
 
 def unit_forward(spec, backend, y, gamma, beta, r, out=None):
@@ -87,7 +87,7 @@ def unit_forward(spec, backend, y, gamma, beta, r, out=None):
         eaf = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     out, data, P, invstd, xdata, xP, new_rm, new_rv = backends.get(backend).bn_act(
         y, gamma, beta, r, rm, rv, eaf, bn.eps, bits=spec.bits, act=spec.act, window=cfg.effective_window,
-        pf=cfg.positive_fraction, store_xh=spec.store_xh, out=out,
+        pf=cfg.positive_fraction, store_xh=spec.store_xh, out=out, edge=spec.edge,
     )  # fmt: skip
     if rm is not None:
         rm.copy_(new_rm)
@@ -115,10 +115,10 @@ def exact(a, b):
 # forward
 
 
-def run_forward(case, act, join, bits, device, seed=0):
+def run_forward(case, act, join, bits, device, seed=0, edge=0.0):
     shape, dtype, cl, rtol, atol = case
     y, r, gamma, beta = make(shape, dtype, cl, device, seed, residual=join != "bn")
-    spec = make_spec(shape[1], act, join, bits, device)
+    spec = make_spec(shape[1], act, join, bits, device, edge=edge)
     twin = copy.deepcopy(spec)  # its own BatchNorm2d, for the running statistics
     with torch.no_grad():
         got = unit_forward(spec, "triton", y, gamma, beta, r)
@@ -126,9 +126,9 @@ def run_forward(case, act, join, bits, device, seed=0):
     return y, r, gamma, beta, spec, twin, got, want
 
 
-def check_forward(case, act, join, bits, device):
+def check_forward(case, act, join, bits, device, edge=0.0):
     shape, dtype, cl, rtol, atol = case
-    y, r, gamma, beta, spec, twin, got, want = run_forward(case, act, join, bits, device)
+    y, r, gamma, beta, spec, twin, got, want = run_forward(case, act, join, bits, device, edge=edge)
     out, data, P, invstd, extra = got
     out_t, data_t, P_t, invstd_t, extra_t = want
     assert out.dtype == y.dtype and out.stride() == y.stride()  # memory format kept, no hidden copy
@@ -156,6 +156,14 @@ def check_forward(case, act, join, bits, device):
 def test_forward_every_bits_and_act(bits, act, join, poison_empty):
     need("cpu")
     check_forward(CASES[0], act, join, bits, "cpu")
+
+
+@pytest.mark.parametrize("join", ["bn", "sum"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_forward_with_bin_edges_at_a_jump(bits, join, poison_empty):
+    """A unit read by a Hardswish (``UnitSpec.edge``): the same grid and codes in both backends."""
+    need("cpu")
+    check_forward(CASES[0], "none", join, bits, "cpu", edge=3.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
