@@ -80,6 +80,9 @@ def test_units_read_by_a_jumping_activation_get_edges(model, edge):
         model(torch.randn(2, 3, 12, 12)).sum().backward()
         (unit,) = ctx.report().units
     assert unit.edge == edge
+    with tritonact.approximate(model, bits=8, generic=False) as ctx:  # the activation keeps its own input
+        (unit,) = ctx.report().units
+    assert unit.edge == 0.0
 
 
 def test_mobilenet_v3_large_8_bit_error():

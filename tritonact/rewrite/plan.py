@@ -326,7 +326,7 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
             if post_fine or any(_reads_for_gradient(u, final, plan, modules) for u in final.users):
                 spec.bits = 8
     for final, (spec, _, _) in plan.units.items():
-        if spec.act == "none":
+        if spec.act == "none" and cfg.generic and not cfg.naive:  # (else the activation keeps its own input)
             spec.edge = max([_edge_of(spec.post, None, modules)] + [_edge_of(None, u, modules) for u in final.users])
     for spec, _, _ in plan.units.values():
         bits = spec.bits or cfg.bits
