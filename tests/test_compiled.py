@@ -289,14 +289,14 @@ def test_keys_that_differ_only_in_settings_stay_separate():
             positive_fraction=0.75,
         )
         assert torch.equal(P, P_eager), (bits, window)
-    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False, False, 0.0) is not compiled._compiled(
-        "forward_xh", 4, "relu", math.inf, 0.75, False, False, 0.0
+    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False, False, -1.0) is not compiled._compiled(
+        "forward_xh", 4, "relu", math.inf, 0.75, False, False, -1.0
     )
-    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False, True, 0.0) is not compiled._compiled(
-        "forward_xh", 4, "relu", 3.5, 0.75, False, False, 0.0
+    assert compiled._compiled("forward_xh", 4, "relu", 3.5, 0.75, False, True, -1.0) is not compiled._compiled(
+        "forward_xh", 4, "relu", 3.5, 0.75, False, False, -1.0
     )  # with and without a centroid table
     assert compiled._compiled("forward_xh", 8, "none", math.inf, 0.75, False, False, 3.0) is not compiled._compiled(
-        "forward_xh", 8, "none", math.inf, 0.75, False, False, 0.0
+        "forward_xh", 8, "none", math.inf, 0.75, False, False, -1.0
     )  # with and without bin edges at the output's +-3
 
 

@@ -70,7 +70,7 @@ def make(shape, dtype, cl, device, seed=0, residual=False):
     return y, r, gamma.to(device), beta.to(device)
 
 
-def make_spec(C, act, join, bits, device, momentum=0.1, track=True, edge=0.0):
+def make_spec(C, act, join, bits, device, momentum=0.1, track=True, edge=-1.0):
     bn = nn.BatchNorm2d(C, momentum=momentum, track_running_stats=track).to(device)
     return SimpleNamespace(bn=bn, act=act, bits=bits, store_xh=join == "sum+xh", edge=edge)
 
@@ -115,7 +115,7 @@ def exact(a, b):
 # forward
 
 
-def run_forward(case, act, join, bits, device, seed=0, edge=0.0):
+def run_forward(case, act, join, bits, device, seed=0, edge=-1.0):
     shape, dtype, cl, rtol, atol = case
     y, r, gamma, beta = make(shape, dtype, cl, device, seed, residual=join != "bn")
     spec = make_spec(shape[1], act, join, bits, device, edge=edge)
@@ -126,7 +126,7 @@ def run_forward(case, act, join, bits, device, seed=0, edge=0.0):
     return y, r, gamma, beta, spec, twin, got, want
 
 
-def check_forward(case, act, join, bits, device, edge=0.0):
+def check_forward(case, act, join, bits, device, edge=-1.0):
     shape, dtype, cl, rtol, atol = case
     y, r, gamma, beta, spec, twin, got, want = run_forward(case, act, join, bits, device, edge=edge)
     out, data, P, invstd, extra = got
@@ -158,12 +158,13 @@ def test_forward_every_bits_and_act(bits, act, join, poison_empty):
     check_forward(CASES[0], act, join, bits, "cpu")
 
 
+@pytest.mark.parametrize("edge", [3.0, 0.0])
 @pytest.mark.parametrize("join", ["bn", "sum"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_forward_with_bin_edges_at_a_jump(bits, join, poison_empty):
-    """A unit read by a Hardswish (``UnitSpec.edge``): the same grid and codes in both backends."""
+def test_forward_with_bin_edges_at_a_jump(bits, join, edge, poison_empty):
+    """A unit read by a Hardswish or a LeakyReLU (``UnitSpec.edge``): the same grid and codes in both backends."""
     need("cpu")
-    check_forward(CASES[0], "none", join, bits, "cpu", edge=3.0)
+    check_forward(CASES[0], "none", join, bits, "cpu", edge=edge)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -58,15 +58,15 @@ class Backend:
 
     # -- unit forward --------------------------------------------------------------------------------------
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None, centroids=False, edge=0.0):  # fmt: skip
+               stats=None, centroids=False, edge=-1.0):  # fmt: skip
         """``(out, data, P, invstd, xdata, xP, new_rm, new_rv)``: the unit's output (written into ``out`` when
         given), its packed codes and grid, ``1/sigma``, the second code of xh (``None``, ``None`` unless
         ``store_xh``) and the running statistics after this batch (``None`` without them). ``y`` is dense in its
         memory order; ``gamma``, ``beta`` fp32 ``(C,)``; ``eaf`` the BN's exponential average factor. ``stats``:
         the batch statistics computed elsewhere (``tritonact.sync.global_stats``: ``(mean, invstd, new_rm, new_rv,
         var)``), which the unit normalizes with instead of its own batch's. ``centroids``: the grids carry a centroid
-        table measured from this batch (``tritonact.centroids``). ``edge``: ``P``'s bins have edges at the output
-        values ``±edge`` (``reference.code_params``; ``act == "none"`` only)."""
+        table measured from this batch (``tritonact.centroids``). ``edge``: where ``>= 0``, ``P``'s bins have edges
+        at the output values ``±edge`` (``reference.code_params``; ``act == "none"`` only)."""
         raise NotImplementedError
 
     def bn_act_backward(
@@ -178,7 +178,7 @@ class TorchBackend(Backend):
         return True
 
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None, centroids=False, edge=0.0):  # fmt: skip
+               stats=None, centroids=False, edge=-1.0):  # fmt: skip
         # BN by the module's own op, so output and running statistics are bit-identical to nn.BatchNorm2d's
         new_rm = rm.clone() if rm is not None else None
         new_rv = rv.clone() if rv is not None else None
@@ -214,7 +214,7 @@ class TorchBackend(Backend):
         ref.activate_(out, act)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
-    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False, edge=0.0):
+    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False, edge=-1.0):
         """``(data, P, xdata, xP)`` of the unit; ``s`` holds the pre-activation value. Made a few samples at a
         time so temporaries stay small."""
         perm = memory_order(y)
@@ -225,7 +225,7 @@ class TorchBackend(Backend):
             xmin = (y.amin(dim=dims).float() - mean) * invstd
             xmax = (y.amax(dim=dims).float() - mean) * invstd
             stats = dict(wmin=xmin, wmax=xmax, wmean=torch.zeros_like(xmin), wstd=torch.ones_like(xmin))
-            xh_P = lambda a, e=0.0: ref.code_params(act=a, coded="xh", edge=e, **stats, **grid)  # noqa: E731
+            xh_P = lambda a, e=-1.0: ref.code_params(act=a, coded="xh", edge=e, **stats, **grid)  # noqa: E731
         if residual is not None:
             wmin, wmax, wmean, wstd = ref.value_stats(s if s.dtype == torch.float32 else s.float(), "sum")
             P = ref.code_params(act=act, coded="sum", wmin=wmin, wmax=wmax, wmean=wmean, wstd=wstd, edge=edge, **grid)
@@ -282,7 +282,7 @@ class CompiledBackend(TorchBackend):
 
         return compiled.enabled(device)
 
-    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False, edge=0.0):
+    def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False, edge=-1.0):
         from tritonact import compiled
 
         perm = memory_order(y)
@@ -365,7 +365,7 @@ class TritonBackend(Backend):
         return triton_available() and (device.type == "cuda" or interpreter_enabled())
 
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None, centroids=False, edge=0.0):  # fmt: skip
+               stats=None, centroids=False, edge=-1.0):  # fmt: skip
         from tritonact.kernels.bn_act import bn_act_forward, bn_stats_forward
 
         gamma, beta = gamma.detach().float(), beta.detach().float()

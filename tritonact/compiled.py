@@ -123,7 +123,7 @@ def _is_compile_error(e: Exception) -> bool:
 # entry points (None: not compiled here, run the reference)
 
 
-def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, centroids=False, edge=0.0):
+def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, centroids=False, edge=-1.0):
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
@@ -134,7 +134,7 @@ def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, cen
     return out
 
 
-def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False, edge=0.0):
+def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False, edge=-1.0):
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None

@@ -16,7 +16,7 @@ def _pv(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1)
 
 
-def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta, cent=False, edge=0.0):
+def _params(bits, act, coded, window, pf, wmin, wmax, wmean, wstd, gamma, beta, cent=False, edge=-1.0):
     return ref.code_params(
         centroids=cent,
         edge=edge,

@@ -73,7 +73,7 @@ def code_params(
     window: float,
     positive_fraction: float | None,
     centroids: bool = False,
-    edge: float = 0.0,
+    edge: float = -1.0,
 ) -> torch.Tensor:
     """Per-channel grid of a unit. All inputs are fp32 ``(C,)`` except the python scalars.
 
@@ -84,9 +84,9 @@ def code_params(
             None splits them by the extent of each side (the generic path, ``tritonact.saved``).
         centroids: append the ``2**bits`` rows of a centroid table (``tritonact.centroids``), all 0.5 until the
             encoder measures them.
-        edge: ``act == "none"`` only: where ``> 0``, the value ``±edge`` (of the unit's output) falls on bin edges
-            wherever it lies inside the coded range (``quant.edge_aligned_grid``); an activation whose derivative
-            jumps there (Hardswish, Hardsigmoid: 3) then gets it exact from the code.
+        edge: ``act == "none"`` only: where ``>= 0``, the values ``±edge`` of the unit's output fall on bin edges
+            wherever they lie inside the coded range (``quant.edge_aligned_grid``); an activation whose derivative
+            jumps there (Hardswish, Hardsigmoid: 3; LeakyReLU, PReLU, SELU: 0) then gets its region exact.
     """
     L = float(1 << bits)
     C = wmin.numel()
@@ -106,7 +106,7 @@ def code_params(
         qtop = torch.full_like(wmin, L - 1)
         vhi = torch.full_like(wmin, math.inf)
         dp = torch.clamp(vmax / L, min=_TINY)
-        if edge > 0:
+        if edge >= 0:
             if coded == "xh":  # the output gamma * xh + beta at -edge and +edge, in xh units
                 g_safe = torch.where(gamma == 0, one, gamma)
                 ea, eb = (-edge - beta) / g_safe, (edge - beta) / g_safe

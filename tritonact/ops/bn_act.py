@@ -67,14 +67,14 @@ def bn_act(
     backend: str,
     group: str = "",
     centroids: bool = False,
-    edge: float = 0.0,
+    edge: float = -1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var)``; ``xdata``/``xP`` (the
     second code of a join with ``store_xh``) and the running statistics are empty where absent. ``res_*``: the
     residual's code, kept for the backward (the forward adds the exact ``residual``). ``group``: the key of the
     process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``.
-    ``centroids``: the grids ``P``/``xP`` carry centroid tables (``tritonact.centroids``). ``edge``: ``P``'s bins
-    have edges at the output values ``±edge`` (``reference.code_params``)."""
+    ``centroids``: the grids ``P``/``xP`` carry centroid tables (``tritonact.centroids``). ``edge``: where ``>= 0``,
+    ``P``'s bins have edges at the output values ``±edge`` (``reference.code_params``)."""
     return _impl(
         y,
         gamma,
@@ -99,7 +99,7 @@ def bn_act(
 
 
 def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
-          window, positive_fraction, store_xh, naive, backend, group, centroids, edge=0.0, out=None):  # fmt: skip
+          window, positive_fraction, store_xh, naive, backend, group, centroids, edge=-1.0, out=None):  # fmt: skip
     if momentum is None:  # cumulative average: the caller has counted this batch already
         eaf = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
@@ -137,7 +137,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
 @bn_act.register_fake
 def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
       res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
-      backend, group="", centroids=False, edge=0.0):  # fmt: skip
+      backend, group="", centroids=False, edge=-1.0):  # fmt: skip
     C = y.shape[1]
     rows = ref.PARAM_ROWS + ((1 << bits) if centroids else 0)
     dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)

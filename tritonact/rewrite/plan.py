@@ -148,7 +148,7 @@ class UnitSpec:
     last_P: torch.Tensor | None = field(default=None, repr=False)  # the sum's grid in the last training forward
     bits: int | None = None  # its code width where it differs from the context's (see make_plan)
     post: nn.Module | None = None  # a norm-plus-activation module's activation, called on the unit's output
-    edge: float = 0.0  # > 0: its output is read by an activation whose derivative jumps at +-edge (see _edge_of)
+    edge: float = -1.0  # >= 0: its output is read by an activation whose derivative jumps at +-edge (_edge_of)
     covers: tuple[str, ...] = ()
     last_code_bytes: int = field(default=0, repr=False)  # of the last eager training forward
     last_full_bytes: int = field(default=0, repr=False)
@@ -336,22 +336,23 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
     return plan
 
 
-# Activations whose derivative jumps at +-3 (Hardswish: 0 -> -0.5 at -3, 1.5 -> 1 at 3; Hardsigmoid: 0 <-> 1/6). A
-# unit whose output they read puts bin edges there (reference.code_params), so the code never carries a value across
-# a jump: the derivative's region is exact, as a ReLU's mask is. Measured (timm mobilenetv3_large_100, 8 bits,
-# 8 x 64x64, conv weight gradient median): with plain grids the error went as the square root of the step (0.0445 /
-# 0.0303 / 0.0229 at 256 / 512 / 1024 levels), the signature of rare large errors at the jumps.
-_EDGE_MODULES = (nn.Hardswish, nn.Hardsigmoid)
-_EDGE_FUNCTIONS = (F.hardswish, F.hardsigmoid)
+# Activations whose derivative jumps: at +-3 (Hardswish: 0 -> -0.5 at -3, 1.5 -> 1 at 3; Hardsigmoid: 0 <-> 1/6), at
+# 0 (LeakyReLU, PReLU: 1 <-> the slope; SELU). A unit whose output they read puts bin edges there
+# (reference.code_params), so the code never carries a value across a jump: the derivative's region is exact, as a
+# ReLU's mask is. Measured (8 bits, 8 x 64x64, conv weight gradient median): timm mobilenetv3_large_100 0.044 ->
+# 0.014 (with plain grids the error went as the square root of the step, 0.0445 / 0.0303 / 0.0229 at 256 / 512 /
+# 1024 levels: rare large errors at the jumps); resnet18 with LeakyReLU(0.1) 0.137 -> see tests/test_edges.py.
+_EDGES = {nn.Hardswish: 3.0, nn.Hardsigmoid: 3.0, nn.LeakyReLU: 0.0, nn.PReLU: 0.0, nn.SELU: 0.0}
+_EDGE_FUNCTIONS = {F.hardswish: 3.0, F.hardsigmoid: 3.0, F.leaky_relu: 0.0, F.prelu: 0.0, F.selu: 0.0}
 
 
 def _edge_of(post: nn.Module | None, user: fx.Node | None, modules: dict) -> float:
-    """3.0 where ``post`` or the node ``user`` is such an activation, else 0.0."""
+    """Where ``post`` or the node ``user`` is such an activation, the ``edge`` its jumps need, else -1.0."""
     if user is None:
-        return 3.0 if isinstance(post, _EDGE_MODULES) else 0.0
+        return _EDGES.get(type(post), -1.0)
     if user.op == "call_module":
-        return 3.0 if isinstance(modules.get(user.target), _EDGE_MODULES) else 0.0
-    return 3.0 if user.op == "call_function" and user.target in _EDGE_FUNCTIONS else 0.0
+        return _EDGES.get(type(modules.get(user.target)), -1.0)
+    return _EDGE_FUNCTIONS.get(user.target, -1.0) if user.op == "call_function" else -1.0
 
 
 def _drop_identities(gm: fx.GraphModule, modules: dict) -> None:
