@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -24,6 +25,30 @@ from tritonact.saved import GenericPath
 __all__ = ["approximate", "ApproxReport", "NoUnitRan"]
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
+_OPEN = {"depth": 0, "saved": False}  # open contexts, and the user's capture_dynamic_output_shape_ops
+_OPEN_LOCK = threading.Lock()
+
+
+def _capture_dynamic_outputs(enter: bool) -> None:
+    """While a context is open, ``torch.compile`` traces ops whose output size depends on data (a unit's escaped
+    outliers, ``tritonact.outliers``) instead of breaking the graph at each unit (dynamo's
+    ``capture_dynamic_output_shape_ops``; ``fullgraph=True`` allows them anyway). The user's setting comes back
+    when the last context closes."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    with _OPEN_LOCK:
+        if enter:
+            if _OPEN["depth"] == 0:
+                _OPEN["saved"] = cfg.capture_dynamic_output_shape_ops
+                cfg.capture_dynamic_output_shape_ops = True
+            _OPEN["depth"] += 1
+        else:
+            _OPEN["depth"] -= 1
+            if _OPEN["depth"] == 0:
+                cfg.capture_dynamic_output_shape_ops = _OPEN["saved"]
+
+
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # the norms a unit can be made of
 
 
@@ -115,6 +140,7 @@ class approximate:
             self._restore()
             raise
         _ACTIVE.add(model)
+        _capture_dynamic_outputs(True)
         _watch_optimizer_steps(self)
         return self
 
@@ -125,6 +151,8 @@ class approximate:
                 if rw.ring is not None:
                     rw.ring.release()
         self._cache.clear()
+        if self.model in _ACTIVE:
+            _capture_dynamic_outputs(False)
         _ACTIVE.discard(self.model)
         _CONTEXTS.discard(self)
         return False

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonact import centroids
+from tritonact import centroids, escapes
 from tritonact import reference as ref
 from tritonact.quant import interpreter_enabled, memory_order, resolve_backend, triton_available
 
@@ -31,7 +31,8 @@ __all__ = ["Backend", "CodeRef", "register_backend", "get", "select", "names", "
 class CodeRef:
     """A coded activation as the ops see it: the unit's code (``data``, grid ``P``) of an activation of logical
     ``shape`` dense in memory order ``perm``, and, for a max-pool output, the pool's window-local argmax ``local``
-    with its geometry ``pool`` (kernel, stride, padding, dilation: 8 ints)."""
+    with its geometry ``pool`` (kernel, stride, padding, dilation: 8 ints), and the code's escaped values ``esc``
+    (``tritonact.escapes``; None or no rows: none)."""
 
     data: torch.Tensor
     P: torch.Tensor
@@ -41,6 +42,7 @@ class CodeRef:
     bits: int
     act: str
     pool: tuple = ()
+    esc: torch.Tensor | None = None
 
     @property
     def is_unit(self) -> bool:
@@ -108,6 +110,14 @@ class Backend:
 
     def _decode_unit_range(self, code: CodeRef, n0, n1, dtype, out):
         shape, perm, bits = code.shape, code.perm, code.bits
+        if escapes.count(code.esc):  # the reference, which puts the escaped values back
+            esc = escapes.select(code.esc, n0, n1, shape, perm) if perm[0] == 0 else code.esc
+            if perm[0] != 0 and (n0, n1) != (0, shape[0]):
+                return ref.decode_act_ref(code.data, code.P, bits, shape, perm, code.act, dtype, esc=esc)[n0:n1]
+            per = math.prod(shape[1:])
+            data = code.data[n0 * per * bits // 8 : (n1 * per * bits + 7) // 8]
+            sub = (n1 - n0,) + tuple(shape[1:])
+            return ref.decode_act_ref(data, code.P, bits, sub, perm, code.act, dtype, out=out, esc=esc)
         if (n0, n1) == (0, shape[0]):
             return self.decode_act(code.data, code.P, bits, shape, perm, code.act, dtype, out=out)
         per = math.prod(shape[1:])
@@ -256,12 +266,13 @@ class TorchBackend(Backend):
 
     def bn_act_backward(
         self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False,
-        reduce=None,
+        reduce=None, esc=None,
     ):  # fmt: skip
+        """Also takes the codes' escaped values: ``esc`` (the unit's), a third item of ``xh_code``, ``res_code.esc``."""
         if res_code is not None:  # decoded a few samples at a time, inside the chunked backward
             residual = lambda n0, n1: self.decode(res_code, torch.float32, n0, n1)  # noqa: E731
         return ref.unit_backward_ref(
-            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace=inplace, reduce=reduce
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace, reduce, esc
         )
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):

@@ -23,16 +23,17 @@ import math
 
 import torch
 
-from tritonact import centroids
+from tritonact import centroids, escapes
 from tritonact.pool_index import global_index, index_dtype, local_index, window_origins  # noqa: F401
 from tritonact.quant import _channel_view_shape, _inverse, edge_aligned_grid, memory_order, pack_codes, unpack_codes
 
-ROWS = ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B")
+ROWS = ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B", "out")  # out: outliers.flagged
 R = {name: i for i, name in enumerate(ROWS)}
 PARAM_ROWS = len(ROWS)
 
 ACTS = ("relu", "relu6", "none")
 _TINY = 1e-20
+OUTLIER_SIGMAS = 8.0  # row "out": a value this many std from the mean (tritonact.outliers)
 
 
 def channel_dims(x: torch.Tensor) -> list[int]:
@@ -181,6 +182,8 @@ def code_params(
     P[R["rdp"]], P[R["rdn"]] = 1.0 / dp, torch.where(dn > 0, 1.0 / dn, 0.0)  # dn is 0 only in that case
     P[R["nneg"]], P[R["qtop"]], P[R["vhi"]] = nneg, qtop, vhi
     P[R["A"]], P[R["B"]] = A, B
+    far = (wmax - wmean > OUTLIER_SIGMAS * wstd) | (wmean - wmin > OUTLIER_SIGMAS * wstd)
+    P[R["out"]] = far.float() if not math.isinf(window) else 0.0
     return P
 
 
@@ -227,10 +230,11 @@ def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str | None = No
     return pack_codes(q.to(torch.uint8), bits)
 
 
-def _decode_v(data, P, bits, shape, perm, act=None, into=None, float_mask=False):
+def _decode_v(data, P, bits, shape, perm, act=None, into=None, float_mask=False, esc=None):
     """``v~`` (and the mask) of the codes: ``t = (q - nneg) + off[q]`` (``off = 0.5``, the midpoint, without a
     centroid table), ``v~ = t * dp`` where ``q >= nneg`` else ``t * dn``, computed as ``(t * s) * dp + (t * (1 - s))
-    * dn`` with ``s = [q >= nneg]`` (one product is 0 or -0: the same value); no boolean masks on the hot path."""
+    * dn`` with ``s = [q >= nneg]`` (one product is 0 or -0: the same value); no boolean masks on the hot path.
+    ``esc``: the code's escaped values (``tritonact.escapes``), exact in ``v~`` and the mask."""
     perm_shape = [shape[d] for d in perm]
     q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape)
     shape_b = _channel_view_shape(perm_shape, perm)
@@ -252,23 +256,24 @@ def _decode_v(data, P, bits, shape, perm, act=None, into=None, float_mask=False)
     if relu6:
         torch.where(sat, p["vhi"], v, out=v)
         mask = mask * (~sat) if float_mask else mask & ~sat
+    escapes.apply_(v, mask, P[R["o"]], P[R["sgn"]], P[R["vhi"]], esc, perm)
     return v, mask, p
 
 
-def decode_value_ref(data, P, bits, shape, perm, act=None, float_mask=False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_value_ref(data, P, bits, shape, perm, act=None, float_mask=False, esc=None):
     """``(w~, mask)`` in fp32 / bool (fp32 0/1 with ``float_mask``), logical shape (memory format of the original)."""
-    v, mask, p = _decode_v(data, P, bits, shape, perm, act, float_mask=float_mask)
+    v, mask, p = _decode_v(data, P, bits, shape, perm, act, float_mask=float_mask, esc=esc)
     w = v.mul_(p["sgn"]).add_(p["o"])
     inv = _inverse(perm)
     return w.permute(inv), mask.permute(inv)
 
 
-def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype, out=None) -> torch.Tensor:
+def decode_act_ref(data, P, bits, shape, perm, act: str, dtype: torch.dtype, out=None, esc=None) -> torch.Tensor:
     """The approximate activation ``a~ = A * f(v~) + B`` that the unit's consumers computed from, in ``dtype``.
 
     ``out``: optional dense buffer of that shape, memory order and dtype to decode into (a ring slot)."""
     into = out.permute(perm) if (out is not None and out.dtype == torch.float32) else None
-    v, _, p = _decode_v(data, P, bits, shape, perm, act, into)
+    v, _, p = _decode_v(data, P, bits, shape, perm, act, into, esc=esc)
     if act != "none":
         v.clamp_(min=0.0)
     a = v.mul_(p["A"]).add_(p["B"]).permute(_inverse(perm))
@@ -335,8 +340,9 @@ def bn_backward_ref(g_z: torch.Tensor, xh: torch.Tensor, gamma: torch.Tensor, in
 
 
 def unit_backward_ref(
-    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False, reduce=None
-):
+    g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, inplace=False, reduce=None,
+    esc=None,
+):  # fmt: skip
     """Backward of one unit from its code (the CPU path; contract of ``kernels.bn_act_bwd.unit_backward``).
 
     Args:
@@ -347,10 +353,12 @@ def unit_backward_ref(
         residual: for a join whose BN value is recovered from the sum: the residual as the join saw it
             (decoded from its own code, or exact), any float dtype, or a callable ``(n0, n1) -> tensor`` giving
             it for a range of samples; else None.
-        xh_code: for a join that stores the BN value as a second code: ``(data, P)`` of it (act "none").
+        xh_code: for a join that stores the BN value as a second code: ``(data, P)`` or ``(data, P, esc)`` of it
+            (act "none").
         inplace: ``g`` (fp32, dense in ``perm``) may be overwritten: it becomes ``g_y`` (``g_residual = g_z``
             for a join), so the backward allocates one activation-sized tensor less.
         reduce: maps ``(sum_gz, sum_gzxh, count)`` before the input gradient uses them (SyncBatchNorm's all-reduce).
+        esc: the code's escaped values (``tritonact.escapes``), or None.
 
     Returns:
         ``(g_y, g_gamma, g_beta, g_residual)`` in fp32; ``g_residual`` is None without a residual.
@@ -372,7 +380,8 @@ def unit_backward_ref(
     def xh_of(n0, n1, b0, b1, w):
         sub = (n1 - n0,) + tuple(shape[1:])
         if xh_code is not None:
-            return decode_value_ref(xh_code[0][b0:b1], xh_code[1], bits, sub, perm, "none")[0]
+            xesc = escapes.select(xh_code[2] if len(xh_code) > 2 else None, n0, n1, shape, perm)
+            return decode_value_ref(xh_code[0][b0:b1], xh_code[1], bits, sub, perm, "none", esc=xesc)[0]
         if residual is not None:  # xh = (s - r - beta) / gamma
             r = residual(n0, n1) if callable(residual) else residual[n0:n1]
             return w.sub_(r).sub_(bview(beta, w)).div_(bview(g_safe, w))
@@ -383,7 +392,7 @@ def unit_backward_ref(
     kept_xh = None  # with a single chunk, the decoded value is kept for the second pass instead of decoded again
     for n0, n1, b0, b1 in chunks:
         sub = (n1 - n0,) + tuple(shape[1:])
-        w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act, float_mask=True)
+        w, mask = decode_value_ref(data[b0:b1], P, bits, sub, perm, act, True, escapes.select(esc, n0, n1, shape, perm))
         g_z = g_z_all[n0:n1]
         if not inplace:
             g_z.copy_(g[n0:n1])
@@ -403,7 +412,8 @@ def unit_backward_ref(
         if kept_xh is not None:
             xh = kept_xh
         else:
-            xh = xh_of(n0, n1, b0, b1, decode_value_ref(data[b0:b1], P, bits, sub, perm, act)[0])
+            e = escapes.select(esc, n0, n1, shape, perm)
+            xh = xh_of(n0, n1, b0, b1, decode_value_ref(data[b0:b1], P, bits, sub, perm, act, esc=e)[0])
         # g_y = gamma * invstd * (g_z - mean(g_z) - xh * mean(g_z * xh))
         torch.sub(g_z_all[n0:n1], mean_gz, out=g_y[n0:n1])
         g_y[n0:n1].sub_(xh.mul_(mean_gzxh)).mul_(k)
@@ -413,12 +423,8 @@ def unit_backward_ref(
 def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides of a dense tensor with ``t``'s shape and memory order."""
     perm = memory_order(t)
-    strides = [0] * t.dim()
-    acc = 1
-    for d in reversed(perm):
-        strides[d] = acc
-        acc *= t.shape[d]
-    return tuple(strides)
+    inner = [math.prod(t.shape[d] for d in perm[i + 1 :]) for i in range(t.dim())]
+    return tuple(inner[perm.index(d)] for d in range(t.dim()))
 
 
 def activate_(out: torch.Tensor, act: str) -> torch.Tensor:

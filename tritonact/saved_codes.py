@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonact import centroids
+from tritonact import centroids, outliers
 from tritonact import reference as ref
 from tritonact.quant import memory_order
 
@@ -32,14 +32,16 @@ class Coded:
     dtype: torch.dtype
     compiled: bool = False  # made by the compiled CPU path (decoded by it too)
     act: str = "relu"  # "relu6": the top code is the saturation, decoded as 6 (and negatives as 0)
+    esc: torch.Tensor | None = None  # escaped values (tritonact.outliers)
 
     @property
     def nbytes(self) -> int:
-        return self.data.untyped_storage().nbytes() + self.P.untyped_storage().nbytes()
+        extra = self.esc.untyped_storage().nbytes() if self.esc is not None else 0
+        return self.data.untyped_storage().nbytes() + self.P.untyped_storage().nbytes() + extra
 
     def decode(self) -> torch.Tensor:
         """The approximate tensor, in the original dtype, shape and memory order."""
-        if self.compiled and _compiled_ok(self.data):
+        if self.compiled and _compiled_ok(self.data) and self.esc is None:
             from tritonact import compiled
 
             # act "none": A * v~ + B with A = 1, B = 0 (the grid of a "sum" code), i.e. v~ itself; "relu6":
@@ -48,7 +50,7 @@ class Coded:
             w = compiled.decode_act(self.data, self.P, self.bits, self.shape, self.perm, act, self.dtype)
             if w is not None:
                 return w
-        w, _ = ref.decode_value_ref(self.data, self.P, self.bits, self.shape, self.perm, self.act)
+        w, _ = ref.decode_value_ref(self.data, self.P, self.bits, self.shape, self.perm, self.act, esc=self.esc)
         if self.act == "relu6":
             w.clamp_(min=0.0)  # as the compiled decode
         return w if self.dtype == torch.float32 else w.to(self.dtype)
@@ -68,7 +70,7 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act
             c = compiled.forward_sum(
                 x.detach(), one, one * 0.0, bits=bits, act=act, window=window, pf=None, perm=perm, centroids=cent
             )
-            if c is not None:
+            if c is not None and not outliers.flagged(c[1]):
                 return Coded(c[0], c[1], bits, tuple(x.shape), perm, x.dtype, True, act)
         x32 = x.detach()
         if x32.dtype != torch.float32:
@@ -98,6 +100,11 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act
             centroids=cent,
         )
         perm = memory_order(x32)
+        if outliers.flagged(P):  # outliers: coded on robust statistics, with their values escaped
+            one = torch.ones_like(wmin)
+            data, P, esc = outliers.recode(x32, bits=bits, act=act, coded="sum", gamma=one, beta=one * 0.0,
+                                           window=window, pf=None, cent=cent)  # fmt: skip
+            return Coded(data, P, bits, tuple(x.shape), perm, x.dtype, False, act, esc)
         acc = centroids.new_acc(bits, x32.shape[1], x32.device) if cent else None
         data = ref.encode_ref(x32, P, bits, act, acc, centroids.sample_limit(tuple(x32.shape), perm, bits))
         if cent:
@@ -141,8 +148,8 @@ class UnitRef:
         from tritonact import backends
 
         c = self.code
-        be = backends.get(self.backend)
-        return be.decode_act(c.data, c.P, c.bits, tuple(c.shape), tuple(c.perm), c.act, self.dtype)
+        code = backends.CodeRef(c.data, c.P, None, tuple(c.shape), tuple(c.perm), c.bits, c.act, (), c.esc)
+        return backends.get(self.backend).decode(code, self.dtype)
 
 
 @dataclass(eq=False)

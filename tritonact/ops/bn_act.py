@@ -14,7 +14,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from tritonact import backends, sync
+from tritonact import backends, escapes, outliers, sync
 from tritonact import reference as ref
 from tritonact.quant import memory_order
 from tritonact.saved import own, passthrough
@@ -32,11 +32,11 @@ def _empty0(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
-def _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits):
+def _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, res_esc=None):
     if res_data is None:
         return None
     return backends.CodeRef(
-        res_data, res_P, res_local, tuple(res_shape), tuple(res_perm), bits, res_act, tuple(res_pool)
+        res_data, res_P, res_local, tuple(res_shape), tuple(res_perm), bits, res_act, tuple(res_pool), res_esc
     )
 
 
@@ -68,13 +68,16 @@ def bn_act(
     group: str = "",
     centroids: bool = False,
     edge: float = -1.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var)``; ``xdata``/``xP`` (the
-    second code of a join with ``store_xh``) and the running statistics are empty where absent. ``res_*``: the
-    residual's code, kept for the backward (the forward adds the exact ``residual``). ``group``: the key of the
-    process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``.
+    res_esc: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out, data, P, invstd, xdata, xP, new_running_mean, new_running_var, esc, xesc)``; ``xdata``/
+    ``xP`` (the second code of a join with ``store_xh``) and the running statistics are empty where absent.
+    ``res_*``: the residual's code, kept for the backward (the forward adds the exact ``residual``). ``group``: the
+    key of the process group a SyncBatchNorm unit takes its batch statistics over (``tritonact.sync``), or ``""``.
     ``centroids``: the grids ``P``/``xP`` carry centroid tables (``tritonact.centroids``). ``edge``: where ``>= 0``,
-    ``P``'s bins have edges at the output values ``±edge`` (``reference.code_params``)."""
+    ``P``'s bins have edges at the output values ``±edge`` (``reference.code_params``). ``esc``, ``xesc``: the
+    codes' escaped values (``tritonact.outliers``; no rows unless a channel has outliers), ``res_esc`` the
+    residual code's."""
     return _impl(
         y,
         gamma,
@@ -125,19 +128,38 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         centroids=centroids,
         edge=edge,
     )
+    esc, xesc = escapes.none(y), escapes.none(y)
     if naive:  # the baseline: later layers compute on the decoded activation
         out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
+    elif outliers.flagged(P) or outliers.flagged(xP):  # outliers: coded again, with their values escaped
+        grid = dict(bits=bits, gamma=gamma.detach().float(), beta=beta.detach().float(), window=window,
+                    pf=positive_fraction, cent=centroids)  # fmt: skip
+        xh = _xh(y, invstd, stats)
+        if outliers.flagged(P):
+            w = xh if residual is None else (xh * ref.bview(grid["gamma"], y) + ref.bview(grid["beta"], y) + residual)
+            coded = "xh" if residual is None else "sum"
+            data, P, esc = outliers.recode(w, act=act, coded=coded, edge=edge, **grid)
+        if outliers.flagged(xP):
+            xdata, xP, xesc = outliers.recode(xh, act="none", coded="xh", **grid)
     return (
         out, data, P, invstd,
         xdata if xdata is not None else _empty0(data), xP if xP is not None else _empty0(P),
         new_rm if new_rm is not None else _empty0(invstd), new_rv if new_rv is not None else _empty0(invstd),
+        esc, xesc,
     )  # fmt: skip
+
+
+def _xh(y: Tensor, invstd: Tensor, stats) -> Tensor:
+    """The BN's normalized input (fp32, ``y``'s memory order), with the batch mean recomputed (or a
+    SyncBatchNorm's global one)."""
+    mean = stats[0] if stats is not None else y.mean(dim=ref.channel_dims(y), dtype=torch.float64)
+    return (y.float() - ref.bview(mean.float(), y)) * ref.bview(invstd.float(), y)
 
 
 @bn_act.register_fake
 def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
       res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
-      backend, group="", centroids=False, edge=-1.0):  # fmt: skip
+      backend, group="", centroids=False, edge=-1.0, res_esc=None):  # fmt: skip
     C = y.shape[1]
     rows = ref.PARAM_ROWS + ((1 << bits) if centroids else 0)
     dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
@@ -152,25 +174,30 @@ def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, 
         y.new_empty((rows, C) if store_xh and residual is not None else (0,), dtype=f32),
         torch.empty_like(running_mean) if running_mean is not None else y.new_empty(0, dtype=f32),
         torch.empty_like(running_var) if running_var is not None else y.new_empty(0, dtype=f32),
+        y.new_empty(torch.library.get_ctx().new_dynamic_size(), 2, dtype=torch.float64),
+        y.new_empty(torch.library.get_ctx().new_dynamic_size(), 2, dtype=torch.float64),
     )
 
 
 def _setup(ctx, inputs, output):
     (y, gamma, beta, residual, _rm, _rv, _nbt, _mom, _eps, res_data, res_P, res_local, res_shape, res_perm, res_pool,
      res_act, bits, act, _w, _pf, store_xh, _naive, backend, *group) = inputs  # fmt: skip
-    group = group[:1]  # (group, centroids, edge) when given
+    res_esc = group[3] if len(group) > 3 else None
+    group = group[:1]  # (group, centroids, edge, res_esc) when given
     _out, data, P, invstd, xdata, xP = output[:6]
-    saved = [data, P, invstd, gamma, beta]
+    saved = [data, P, invstd, gamma, beta, output[8]]
     ctx.mode = "plain"
     if residual is not None:
         if store_xh:
-            ctx.mode, saved = "xh", saved + [xdata, xP]
+            ctx.mode, saved = "xh", saved + [xdata, xP, output[9]]
         elif res_data is not None:
-            ctx.mode, saved = "code", saved + [res_data, res_P] + ([res_local] if res_local is not None else [])
+            ctx.has_res_esc = res_esc is not None
+            ctx.mode, saved = "code", saved + [res_data, res_P] + ([res_esc] if res_esc is not None else [])
+            saved += [res_local] if res_local is not None else []
         else:
             ctx.mode, saved = "exact", saved + [residual]
         ctx.res_dtype = residual.dtype
-    own(P, xP, invstd)  # grids (with centroid tables) and statistics stay as they are
+    own(P, xP, invstd, output[8], output[9], res_esc)  # grids (with centroid tables), statistics, escapes
     with passthrough():  # an exact residual stays exact (the generic path would code it)
         ctx.save_for_backward(*saved)
     ctx.shape, ctx.perm, ctx.dtype = list(y.shape), list(memory_order(y)), y.dtype
@@ -181,17 +208,19 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g, *_):
-    n_in = 26  # the op's inputs, y to edge
+    n_in = 27  # the op's inputs, y to res_esc
     if g is None:
         return (None,) * n_in
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(DOUBLE_BACKWARD)
-    data, P, invstd, gamma, beta, *rest = ctx.saved_tensors
-    xdata = xP = residual = res_data = res_P = res_local = None
+    data, P, invstd, gamma, beta, esc, *rest = ctx.saved_tensors
+    xdata = xP = xesc = residual = res_data = res_P = res_local = res_esc = None
     if ctx.mode == "xh":
-        xdata, xP = rest
+        xdata, xP, xesc = rest
     elif ctx.mode == "code":
         res_data, res_P, *loc = rest
+        if ctx.has_res_esc:
+            res_esc, *loc = loc
         res_local = loc[0] if loc else None
     elif ctx.mode == "exact":
         (residual,) = rest
@@ -200,7 +229,7 @@ def _backward(ctx, g, *_):
     backend = backends.effective(ctx.backend)
     args = (data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape, res_perm,
             res_pool, res_act, ctx.shape, ctx.perm, ctx.bits, ctx.act, ctx.dtype, res_dtype, backend,
-            ctx.group)  # fmt: skip
+            ctx.group, esc, xesc, res_esc)  # fmt: skip
     inplace = _sole_owner(g, ctx.perm, (ctx.dtype, res_dtype), backend)
     if direct():
         g_y, g_gamma, g_beta, g_res = _bn_act_backward(g, *args, inplace=inplace)
@@ -230,7 +259,7 @@ class BNActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, *inputs):
         (y, gamma, beta, residual, rm, rv, nbt, momentum, eps, *_res, bits, act, window, pf, store_xh, naive,
-         backend, group, centroids, edge) = inputs  # fmt: skip
+         backend, group, centroids, edge, _res_esc) = inputs  # fmt: skip
         outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
                         naive, backend, group, centroids, edge, out=out)  # fmt: skip
         _setup(ctx, inputs, outputs)
@@ -277,21 +306,32 @@ def _bn_act_backward(
     res_dtype: torch.dtype,
     backend: str,
     group: str = "",
+    esc: Tensor | None = None,
+    xesc: Tensor | None = None,
+    res_esc: Tensor | None = None,
     inplace: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(g_y, g_gamma, g_beta, g_residual)`` of a unit from ``g = dL/d out`` and its code: ``g_y`` in ``dtype``
     and ``g_residual`` in ``res_dtype``, both dense in memory order ``perm``; ``g_gamma``, ``g_beta`` fp32;
     ``g_residual`` is empty for a unit without a residual add. ``inplace`` (see :func:`_sole_owner`): ``g`` is
     overwritten and returned as ``g_y`` (a join: as ``g_residual``). ``group``: a SyncBatchNorm unit's process
-    group key (its sums are all-reduced between the two passes), or ``""``."""
+    group key (its sums are all-reduced between the two passes), or ``""``. ``esc``, ``xesc``, ``res_esc``: the
+    codes' escaped values (``tritonact.outliers``); where any has some, the torch reference runs the call."""
     shape, perm = tuple(shape), tuple(perm)
     gamma, beta = gamma.detach().float(), beta.detach().float()
-    xh_code = (xdata, xP) if xdata is not None else None
-    res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits)
+    res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, res_esc)
     reduce = functools.partial(sync.all_reduce_sums, group) if group else None
-    g_y, g_gamma, g_beta, g_res = backends.get(backend).bn_act_backward(
-        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
-    )
+    if any(escapes.count(e) for e in (esc, xesc, res_esc)):
+        xh_code = (xdata, xP, xesc) if xdata is not None else None
+        g_y, g_gamma, g_beta, g_res = backends.get("torch").bn_act_backward(
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
+            esc=esc,
+        )  # fmt: skip
+    else:
+        xh_code = (xdata, xP) if xdata is not None else None
+        g_y, g_gamma, g_beta, g_res = backends.get(backend).bn_act_backward(
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
+        )
     if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
         g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
     g_y = ref.dense_in(g_y, perm, dtype)
@@ -321,7 +361,7 @@ bn_act_backward_ = torch.library.custom_op("tritonact::bn_act_backward_", _bn_ac
 
 def _backward_fake(g, data, P, gamma, beta, invstd, xdata, xP, residual, res_data, res_P, res_local, res_shape,
                    res_perm, res_pool, res_act, shape, perm, bits, act, dtype, res_dtype, backend, group="",
-                   inplace=False):  # fmt: skip
+                   esc=None, xesc=None, res_esc=None, inplace=False):  # fmt: skip
     C = shape[1]
     joined = residual is not None or res_data is not None or xdata is not None
     g_y = ref.empty_in(shape, perm, dtype, g.device)

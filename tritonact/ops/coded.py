@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tritonact import backends
+from tritonact import backends, escapes
 from tritonact import reference as ref
 from tritonact.ops.bn_act import DOUBLE_BACKWARD, direct
 from tritonact.saved import own
@@ -41,10 +41,11 @@ def _decode(
     pool: list[int],
     dtype: torch.dtype,
     backend: str,
+    esc: Tensor | None = None,
 ) -> Tensor:
     """``a~`` in ``dtype``: the unit's activation decoded (dense in ``perm``), or for a max-pool code, gathered at
-    the stored argmax (the pool output's shape, contiguous)."""
-    code = backends.CodeRef(data, P, local, tuple(shape), tuple(perm), bits, act, tuple(pool))
+    the stored argmax (the pool output's shape, contiguous). ``esc``: the code's escaped values."""
+    code = backends.CodeRef(data, P, local, tuple(shape), tuple(perm), bits, act, tuple(pool), esc)
     return backends.get(backend).decode(code, dtype)
 
 
@@ -52,7 +53,7 @@ decode = torch.library.custom_op("tritonact::decode", _decode, mutates_args=())
 
 
 @decode.register_fake
-def _(data, P, local, shape, perm, bits, act, pool, dtype, backend):
+def _(data, P, local, shape, perm, bits, act, pool, dtype, backend, esc=None):
     if local is not None:
         return local.new_empty(local.shape, dtype=dtype)
     return ref.empty_in(shape, perm, dtype, data.device)
@@ -79,6 +80,7 @@ def _conv2d(
     act: str,
     pool: list[int],
     backend: str,
+    esc: Tensor | None = None,
 ) -> Tensor:
     """``F.conv2d(x, weight, bias, ...)``, exactly; its autograd formula keeps ``weight`` and ``x``'s code
     (``data``, ``P``, ``local``...) instead of ``x``, and computes the weight gradient from the decoded code."""
@@ -95,10 +97,12 @@ def _(x, weight, bias, stride, padding, dilation, groups, *_code):
 
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, data, P, local, code_shape, code_perm, bits, act, pool, be = (
-        inputs
+        inputs[:16]
     )
-    own(P)  # the code's grid is tritonact's own (with a centroid table it would look codable)
-    ctx.save_for_backward(weight, data, P, *([local] if local is not None else []))
+    esc = inputs[16] if len(inputs) > 16 else None
+    own(P, esc)  # the code's grid and escapes are tritonact's own (a grid with a table would look codable)
+    ctx.has_esc = esc is not None
+    ctx.save_for_backward(weight, data, P, *([esc] if esc is not None else []), *([local] if local is not None else []))
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.code = (list(code_shape), list(code_perm), bits, act, list(pool), be)
     ctx.dtype, ctx.x_dtype = output.dtype, x.dtype
@@ -108,9 +112,10 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, g):
     if g is None:
-        return (None,) * 16
+        return (None,) * 17
     _no_double_backward()
     weight, data, P, *loc = ctx.saved_tensors
+    esc = loc.pop(0) if ctx.has_esc else None
     local = loc[0] if loc else None
     code_shape, code_perm, bits, act, pool, be = ctx.code
     dt, w = ctx.dtype, weight.to(ctx.dtype)
@@ -128,7 +133,7 @@ def _conv_backward(ctx, g):
     chunks = list(ref.sample_chunks(code_shape, code_perm, bits))
     g = g.to(dt)
     if len(chunks) == 1:
-        a = decode_op(data, P, local, code_shape, code_perm, bits, act, pool, dt, be)
+        a = decode_op(data, P, local, code_shape, code_perm, bits, act, pool, dt, be, esc)
         gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
     else:  # the decoded input lives a few samples at a time: the weight gradient is summed over sample chunks
         gi = gw = gb = None
@@ -141,7 +146,8 @@ def _conv_backward(ctx, g):
         for n0, n1, b0, b1 in chunks if need[1] or want_b else ():
             sub = [n1 - n0, *code_shape[1:]]
             part = local[n0:n1] if local is not None else None
-            a = decode_op(data[b0:b1], P, part, sub, code_perm, bits, act, pool, dt, be)
+            e = escapes.select(esc, n0, n1, code_shape, code_perm)
+            a = decode_op(data[b0:b1], P, part, sub, code_perm, bits, act, pool, dt, be, e)
             _, gw_c, gb_c = backward(g[n0:n1], a, [False, need[1], want_b])
             del a
             gw = gw_c if gw is None else gw.add_(gw_c)
@@ -150,7 +156,7 @@ def _conv_backward(ctx, g):
         gi.to(ctx.x_dtype) if gi is not None else None,
         gw.to(weight.dtype) if gw is not None else None,
         gb if want_b else None,
-        *([None] * 13),
+        *([None] * 14),
     )
 
 

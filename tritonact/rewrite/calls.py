@@ -35,6 +35,7 @@ class Code(NamedTuple):
     bits: int
     act: str
     pool: list
+    esc: torch.Tensor | None = None  # escaped values (tritonact.outliers)
 
 
 class Unit(nn.Module):
@@ -87,30 +88,31 @@ class Unit(nn.Module):
         backend = backends.effective(spec.backend)
         if res_code is not None:
             rc = (res_code.data, res_code.P, res_code.local, res_code.shape, res_code.perm, res_code.pool, res_code.act)
+            res_esc = res_code.esc
         else:
-            rc = (None, None, None, [], [], [], "none")
+            rc, res_esc = (None, None, None, [], [], [], "none"), None
         bits = spec.bits or self.bits
         window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
             self.pf, spec.store_xh and residual is not None, self.naive, backend, group,
             self.config.centroids(bits) and y.numel() >= (2 << bits) * C,  # a table only for 2 values per code or more
-            spec.edge,
+            spec.edge, res_esc,
         )  # fmt: skip
         if direct():
             outputs = BNActFn.apply(self._ring_slot(y, residual), *args)
         else:
             outputs = torch.ops.tritonact.bn_act(*args)
-        out, data, P, invstd, xdata, xP, new_rm, new_rv = outputs
+        out, data, P, invstd, xdata, xP, new_rm, new_rv, esc, xesc = outputs
         if rm is not None:
             rm.copy_(new_rm.detach())
             rv.copy_(new_rv.detach())
         if not torch.compiler.is_compiling():
-            spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes
+            spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes + esc.nbytes + xesc.nbytes
             spec.last_full_bytes = y.numel() * y.element_size()
             if spec.auto_codes and residual is not None:
                 spec.last_P = P.detach()  # the sum's grid, for the next forward's decide_joins
-        code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [])
+        code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [], esc)
         saved.offer(out, code, backend)
         return out, code
 
@@ -152,7 +154,7 @@ class CodedConv(nn.Module):
         return run(
             x, c.weight, c.bias, list(pair(c.stride)), list(pair(c.padding)), list(pair(c.dilation)), c.groups,
             code.data, code.P, code.local, code.shape, code.perm, code.bits, code.act, code.pool,
-            backends.effective(self.backend),
+            backends.effective(self.backend), code.esc,
         )  # fmt: skip
 
 

@@ -1,0 +1,152 @@
+"""Values far outside a channel's distribution are stored exactly beside the code (``tritonact.outliers``)."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tritonact
+from tritonact import escapes, fidelity, outliers, saved_codes
+from tritonact import reference as ref
+
+
+def with_outliers(seed=0, shape=(8, 4, 16, 16)):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g)
+    w[0, :, 3, 3] = 100.0
+    w[1, :, 5, 5] = -50.0
+    return w
+
+
+def plain_code(w, act, coded, gamma, beta):
+    stats = ref.value_stats(w, coded)
+    P = ref.code_params(bits=4, act=act, wmin=stats[0], wmax=stats[1], wmean=stats[2], wstd=stats[3], gamma=gamma,
+                        beta=beta, coded=coded, window=3.5, positive_fraction=0.75)  # fmt: skip
+    return ref.encode_ref(w, P, 4, act), P
+
+
+def test_the_grid_flags_a_channel_with_a_value_beyond_eight_sigma_only():
+    w = torch.randn(16, 2, 64, 64, generator=torch.Generator().manual_seed(1))  # 65,536 values per channel
+    w[3, 1, 7, 7] = 40.0
+    _, P = plain_code(w, "none", "sum", torch.ones(2), torch.zeros(2))
+    assert P[ref.R["out"]].tolist() == [0.0, 1.0]
+    assert outliers.flagged(P)
+    assert not outliers.flagged(P[:, :1])
+
+
+@pytest.mark.parametrize("act, coded", [("relu", "xh"), ("relu", "sum"), ("none", "xh"), ("relu6", "sum")])
+def test_recode_keeps_the_outliers_exact_and_the_bulk_fine(act, coded):
+    w = with_outliers()
+    if coded == "xh":
+        w = (w - w.mean((0, 2, 3), keepdim=True)) / w.std((0, 2, 3), keepdim=True, unbiased=False)
+    gamma, beta = torch.tensor([1.0, -0.5, 2.0, 0.7]), torch.tensor([0.1, 0.0, -0.3, 0.2])
+    data, P, esc = outliers.recode(w, bits=4, act=act, coded=coded, gamma=gamma, beta=beta, window=3.5, pf=0.75,
+                                   cent=True)  # fmt: skip
+    shape, perm = tuple(w.shape), (0, 1, 2, 3)
+    dec, mask = ref.decode_value_ref(data, P, 4, shape, perm, act, esc=esc)
+    idx = esc[:, 0].long()
+    assert 8 <= len(idx) <= w.numel() // outliers.CAP
+    assert set((w.flatten().abs() >= 40).nonzero().flatten().tolist()) <= set(idx.tolist())
+    v = (w - ref.bview(P[ref.R["o"]], w)) * ref.bview(P[ref.R["sgn"]], w)
+    exact_mask = (v > 0) & (v < ref.bview(P[ref.R["vhi"]], w))
+    assert torch.equal(mask.flatten()[idx], exact_mask.flatten()[idx])
+    if act != "relu6":
+        assert torch.allclose(dec.flatten()[idx], w.flatten()[idx], rtol=1e-6, atol=1e-6)
+    bulk = torch.ones(w.numel(), dtype=torch.bool)
+    bulk[idx] = False
+    pd, pP = plain_code(w, act, coded, gamma, beta)
+    plain = ref.decode_value_ref(pd, pP, 4, shape, perm, act)[0]
+    err = lambda d: ((d.flatten() - w.flatten())[bulk].norm() / w.flatten()[bulk].norm()).item()  # noqa: E731
+    # measured: 0.13-0.19 against 0.34-0.51 (4 bits over a range that reaches 100 sigma, the outliers' own errors
+    # left out); the bound halves the plain error
+    assert err(dec) < 0.5 * err(plain), (err(dec), err(plain))
+
+
+def test_escapes_follow_a_sample_range():
+    w = with_outliers()
+    data, P, esc = outliers.recode(w, bits=4, act="none", coded="sum", gamma=torch.ones(4), beta=torch.zeros(4),
+                                   window=3.5, pf=0.75, cent=False)  # fmt: skip
+    shape, perm = tuple(w.shape), (0, 1, 2, 3)
+    full = ref.decode_value_ref(data, P, 4, shape, perm, "none", esc=esc)[0]
+    per = w[0].numel() * 4 // 8
+    part = ref.decode_value_ref(data[per : 2 * per], P, 4, (1, *shape[1:]), perm, "none",
+                                esc=escapes.select(esc, 1, 2, shape, perm))[0]  # fmt: skip
+    assert torch.equal(part, full[1:2])
+    assert part[0, :, 5, 5].tolist() == [-50.0] * 4
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 3),
+    )  # fmt: skip
+
+
+def _grads(model, x, approx, **kw):
+    model = copy.deepcopy(model)
+    if approx:
+        with tritonact.approximate(model, bits=4, **kw):
+            model(x).square().sum().backward()
+    else:
+        model(x).square().sum().backward()
+    return {n: p.grad for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_net_with_an_input_outlier_keeps_its_gradients(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0, :, 5, 5] = 100.0
+    model = _net()
+    exact = _grads(model, x, False)
+    errs = {n: fidelity.rel_l2(g, exact[n]) for n, g in _grads(model, x, True, backend=backend).items()}
+    monkeypatch.setattr(outliers, "flagged", lambda P: False)  # what the grids did before
+    before = {n: fidelity.rel_l2(g, exact[n]) for n, g in _grads(model, x, True, backend=backend).items()}
+    # measured (torch backend): first conv 0.28 against 1.02, first BN 0.16 against 1.03
+    assert errs["0.weight"] < 0.5 * before["0.weight"], (errs, before)
+    assert errs["1.weight"] < 0.5 * before["1.weight"], (errs, before)
+
+
+def test_a_generic_code_escapes_its_outliers():
+    w = with_outliers()
+    c = saved_codes.encode(w, 4, 3.5, act="none")
+    assert escapes.count(c.esc) >= 8
+    assert c.nbytes >= c.esc.numel() * 8
+    dec = c.decode()
+    big = w.abs() >= 40
+    assert torch.equal(dec[big], w[big])
+
+
+def test_compiled_model_with_an_outlier_matches_the_eager_path():
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0, :, 5, 5] = 100.0
+    model = _net()
+    eager = _grads(model, x, True, backend="torch")
+    m = copy.deepcopy(model)
+    with tritonact.approximate(m, bits=4, backend="torch"):
+        torch.compile(m, backend="eager", fullgraph=True)(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        if n in eager:
+            assert torch.allclose(p.grad, eager[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_resnet18_with_one_outlier_pixel_stays_within_one_and_a_half_clean_errors():
+    """One pixel of sample 0 set to k in every input channel (8 x 64x64, seed 0, conv weight gradient median /
+    max, 4 bits). Measured: clean 0.098 / 0.140; before escapes k=100 0.284 / 0.659, k=1e4 0.444 / 0.779; with them
+    0.103 / 0.143 and 0.091 / 0.103. The issue's bound: 1.5x the clean median."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 64, 64, generator=g)
+    t = torch.randint(0, 10, (8,), generator=g)
+    med = {}
+    for k in (0.0, 100.0, 1e4):
+        xk = x.clone()
+        if k:
+            xk[0, :, 20, 20] = k
+        med[k] = fidelity.summarize(fidelity.grad_errors(model, xk, t, bits=4, backend="torch")).median
+    assert med[100.0] <= 1.5 * med[0.0] and med[1e4] <= 1.5 * med[0.0], med

@@ -1,0 +1,91 @@
+"""Outliers: a few values far outside a channel's distribution keep their exact value beside the code.
+
+One extreme value (a hot pixel, a corrupted sample, an activation spike) inflates its channel's batch variance, so
+the per-channel window (``window`` standard deviations, ``tritonact.config``) stretches over it: the bulk of the
+values falls into a few levels and the outlier itself is clipped into the end bin, where it also drags that bin's
+centroid. Both errors reach the weight gradients (resnet18, 4 bits, one input pixel of 8 samples at 100: conv
+gradient median error 0.28 against 0.10 clean).
+
+So the grid (``reference.code_params``) flags a channel whose observed range reaches more than
+:data:`THRESHOLD` standard deviations from its mean (row ``"out"`` of ``P``); a normal distribution never does at
+any batch size. A unit or generic code with a flagged channel is coded again here, by the torch reference, in the
+same format:
+
+1. **robust statistics**: mean and std of each channel over its values within :data:`CLIP` standard deviations
+   of the plain mean, so the window fits the bulk again;
+2. **escapes**: every value outside that window (at most one per :data:`CAP` values, the furthest out first) is
+   stored exactly, as a row ``(flat index in memory order, value)`` of a float64 ``(E, 2)`` tensor ``esc``;
+3. the codes of the other values on the robust grid, with the escaped ones left out of the centroid statistics.
+
+Decoding puts the escaped values back (``escapes.apply_``): their decoded value, mask and activation are exact. A
+code with escapes is always decoded by the torch reference (``Backend.decode``, ``ops.bn_act``); without them
+(``esc`` has no rows, the normal case) nothing changes and no backend pays anything but the flag row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tritonact import centroids, escapes
+from tritonact import reference as ref
+from tritonact.quant import memory_order
+
+__all__ = ["THRESHOLD", "CLIP", "CAP", "flagged", "recode"]
+
+THRESHOLD = ref.OUTLIER_SIGMAS  # a channel is flagged beyond this many standard deviations from its mean
+CLIP = 4.0  # robust statistics over the values within this many (plain) standard deviations
+CAP = 16  # at most one escape per CAP values of a code (16 bytes each: at most one byte per value)
+
+
+def flagged(P: torch.Tensor | None) -> bool:
+    """Whether a grid has a channel with outliers (a host sync on a GPU: one per coded tensor)."""
+    return P is not None and P.numel() > 0 and bool(P[ref.R["out"]].any())
+
+
+def _robust(w: torch.Tensor, dims, mean: torch.Tensor, std: torch.Tensor):
+    keep = ((w - ref.bview(mean, w)).abs() <= ref.bview(CLIP * std, w)).float()
+    n = keep.sum(dim=dims).clamp(min=1.0)
+    m = (w * keep).sum(dim=dims) / n
+    var = (((w - ref.bview(m, w)) ** 2) * keep).sum(dim=dims) / n
+    return m, var.sqrt().clamp(min=1e-12)
+
+
+def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, window: float, pf, cent: bool,
+           edge: float = -1.0):  # fmt: skip
+    """``(data, P, esc)``: the code of ``w`` (fp32, dense in its memory order, channels at dim 1) on robust
+    per-channel statistics, with the values outside the window escaped (see the module docstring). ``coded``,
+    ``gamma``, ``beta``, ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid
+    table (measured over every sample)."""
+    dims = ref.channel_dims(w)
+    wmin, wmax = w.amin(dim=dims), w.amax(dim=dims)
+    if coded == "xh":
+        mean, std = torch.zeros_like(wmin), torch.ones_like(wmin)
+    else:
+        var, mean = torch.var_mean(w, dim=dims, unbiased=False)
+        std = var.sqrt()
+    mean, std = _robust(w, dims, mean, std)
+    half = window * std if not math.isinf(window) else torch.full_like(std, math.inf)
+    lo, hi = torch.maximum(wmin, mean - half), torch.minimum(wmax, mean + half)
+    perm = memory_order(w)
+    flat = w.permute(perm).reshape(-1)  # memory order (w is dense in it)
+    outside = ((w < ref.bview(lo, w)) | (w > ref.bview(hi, w))).permute(perm).reshape(-1)
+    idx = outside.nonzero().squeeze(1)
+    cap = max(1, w.numel() // CAP)
+    if idx.numel() > cap:  # the furthest out first, in the window's own units
+        c = escapes.channel_of(idx, w.shape, perm)
+        excess = torch.maximum(lo[c] - flat[idx], flat[idx] - hi[c]) / std[c]
+        idx = idx[excess.topk(cap).indices].sort().values
+    vals = flat[idx]
+    P = ref.code_params(bits=bits, act=act, wmin=lo, wmax=hi, wmean=mean, wstd=std, gamma=gamma, beta=beta,
+                        coded=coded, window=window, positive_fraction=pf, centroids=cent, edge=edge)  # fmt: skip
+    P[ref.R["out"]] = 0.0
+    w_enc = w.clone()
+    w_enc.permute(perm).reshape(-1)[idx] = math.nan  # code 0, and no share in the centroid statistics
+    acc = centroids.new_acc(bits, w.shape[1], w.device) if cent else None
+    data = ref.encode_ref(w_enc, P, bits, act, acc, None)
+    if cent:
+        centroids.finish_(P, acc, ref.PARAM_ROWS)
+    esc = torch.stack([idx.double(), vals.double()], dim=1)
+    return data, P, esc
