@@ -42,8 +42,8 @@ def test_recode_keeps_the_outliers_exact_and_the_bulk_fine(act, coded):
     if coded == "xh":
         w = (w - w.mean((0, 2, 3), keepdim=True)) / w.std((0, 2, 3), keepdim=True, unbiased=False)
     gamma, beta = torch.tensor([1.0, -0.5, 2.0, 0.7]), torch.tensor([0.1, 0.0, -0.3, 0.2])
-    data, P, esc = outliers.recode(w, bits=4, act=act, coded=coded, gamma=gamma, beta=beta, window=3.5, pf=0.75,
-                                   cent=True)  # fmt: skip
+    data, P, esc = outliers.recode(w, bits=4, act=act, coded=coded, gamma=gamma, beta=beta,
+                                   window=3.5, pf=0.75, cent=True)  # fmt: skip
     shape, perm = tuple(w.shape), (0, 1, 2, 3)
     dec, mask = ref.decode_value_ref(data, P, 4, shape, perm, act, esc=esc)
     idx = esc[:, 0].long()
@@ -66,8 +66,8 @@ def test_recode_keeps_the_outliers_exact_and_the_bulk_fine(act, coded):
 
 def test_escapes_follow_a_sample_range():
     w = with_outliers()
-    data, P, esc = outliers.recode(w, bits=4, act="none", coded="sum", gamma=torch.ones(4), beta=torch.zeros(4),
-                                   window=3.5, pf=0.75, cent=False)  # fmt: skip
+    data, P, esc = outliers.recode(w, bits=4, act="none", coded="sum", gamma=torch.ones(4),
+                                   beta=torch.zeros(4), window=3.5, pf=0.75, cent=False)  # fmt: skip
     shape, perm = tuple(w.shape), (0, 1, 2, 3)
     full = ref.decode_value_ref(data, P, 4, shape, perm, "none", esc=esc)[0]
     per = w[0].numel() * 4 // 8

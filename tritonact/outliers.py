@@ -9,8 +9,9 @@ to 100 in every input channel: conv weight gradient median error 0.28 against 0.
 
 So the grid (``reference.code_params``) flags a channel whose observed range reaches more than
 :data:`THRESHOLD` standard deviations from its mean (row ``"out"`` of ``P``; a normal variable does so with
-probability ~1e-15). A unit or generic code with a flagged channel is coded again here, by the torch reference, in
-the same format:
+probability ~1e-15; a generic code, ``tritonact.saved``, needs :data:`GENERIC_THRESHOLD`). A code with a flagged
+channel is coded again here, by the torch reference, in
+the same format, every channel with:
 
 1. **robust statistics**: mean and std of each channel over its values within :data:`CLIP` standard deviations
    of the last estimate (the plain one first, :data:`ROUNDS` rounds), so the window fits the bulk again;
@@ -33,17 +34,27 @@ from tritonact import centroids, escapes
 from tritonact import reference as ref
 from tritonact.quant import memory_order
 
-__all__ = ["THRESHOLD", "CLIP", "CAP", "flagged", "recode"]
+__all__ = ["THRESHOLD", "GENERIC_THRESHOLD", "CLIP", "ROUNDS", "CAP", "flagged", "far", "recode"]
 
 THRESHOLD = ref.OUTLIER_SIGMAS  # a channel is flagged beyond this many standard deviations from its mean
 CLIP = 4.0  # robust statistics over the values within this many standard deviations of the last estimate,
 ROUNDS = 3  # this many times (an outlier sample's values leave the estimate over the rounds)
+GENERIC_THRESHOLD = 12.0  # the same for a generic code, which is not normalized: a ReLU output's zeros put its
+# ordinary tail at 6-8 std (tests/test_generic.py's net without BN reaches 7.2)
 CAP = 16  # at most one escape per CAP values of a code (16 bytes each: at most one byte per value)
 
 
 def flagged(P: torch.Tensor | None) -> bool:
     """Whether a grid has a channel with outliers (a host sync on a GPU: one per coded tensor)."""
     return P is not None and P.numel() > 0 and bool(P[ref.R["out"]].any())
+
+
+def far(w: torch.Tensor, sigmas: float = GENERIC_THRESHOLD) -> bool:
+    """Whether some channel of ``w`` has a value more than ``sigmas`` standard deviations from its mean."""
+    dims = ref.channel_dims(w)
+    var, mean = torch.var_mean(w, dim=dims, unbiased=False)
+    reach = torch.maximum(w.amax(dim=dims) - mean, mean - w.amin(dim=dims))
+    return bool((reach > sigmas * var.sqrt()).any())
 
 
 def _robust(w: torch.Tensor, dims, mean: torch.Tensor, std: torch.Tensor):
@@ -59,9 +70,10 @@ def _robust(w: torch.Tensor, dims, mean: torch.Tensor, std: torch.Tensor):
 def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, window: float, pf, cent: bool,
            edge: float = -1.0):  # fmt: skip
     """``(data, P, esc)``: the code of ``w`` (fp32, dense in its memory order, channels at dim 1) on robust
-    per-channel statistics, with the values outside the window escaped (see the module docstring). ``coded``,
-    ``gamma``, ``beta``, ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid
-    table (measured over every sample)."""
+    per-channel statistics, with the values outside the window escaped (see the module docstring); every channel,
+    as an outlier sample leaves channels its values do not flag inflated too. ``coded``, ``gamma``, ``beta``,
+    ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid table (measured over every
+    sample)."""
     dims = ref.channel_dims(w)
     wmin, wmax = w.amin(dim=dims), w.amax(dim=dims)
     if coded == "xh":

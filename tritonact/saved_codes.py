@@ -70,7 +70,7 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act
             c = compiled.forward_sum(
                 x.detach(), one, one * 0.0, bits=bits, act=act, window=window, pf=None, perm=perm, centroids=cent
             )
-            if c is not None and not outliers.flagged(c[1]):
+            if c is not None and not (outliers.flagged(c[1]) and outliers.far(x.float())):
                 return Coded(c[0], c[1], bits, tuple(x.shape), perm, x.dtype, True, act)
         x32 = x.detach()
         if x32.dtype != torch.float32:
@@ -100,10 +100,10 @@ def encode(x: torch.Tensor, bits: int, window: float, compile: bool = False, act
             centroids=cent,
         )
         perm = memory_order(x32)
-        if outliers.flagged(P):  # outliers: coded on robust statistics, with their values escaped
+        if outliers.flagged(P) and outliers.far(x32):  # outliers: robust statistics, their values escaped
             one = torch.ones_like(wmin)
-            data, P, esc = outliers.recode(x32, bits=bits, act=act, coded="sum", gamma=one, beta=one * 0.0,
-                                           window=window, pf=None, cent=cent)  # fmt: skip
+            data, P, esc = outliers.recode(x32, bits=bits, act=act, coded="sum", gamma=one,
+                                           beta=one * 0.0, window=window, pf=None, cent=cent)  # fmt: skip
             return Coded(data, P, bits, tuple(x.shape), perm, x.dtype, False, act, esc)
         acc = centroids.new_acc(bits, x32.shape[1], x32.device) if cent else None
         data = ref.encode_ref(x32, P, bits, act, acc, centroids.sample_limit(tuple(x32.shape), perm, bits))
