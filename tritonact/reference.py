@@ -183,7 +183,8 @@ def code_params(
     P[R["nneg"]], P[R["qtop"]], P[R["vhi"]] = nneg, qtop, vhi
     P[R["A"]], P[R["B"]] = A, B
     far = (wmax - wmean > OUTLIER_SIGMAS * wstd) | (wmean - wmin > OUTLIER_SIGMAS * wstd)
-    P[R["out"]] = far.float() if not math.isinf(window) else 0.0
+    P[R["out"]] = far.float() if not math.isinf(window) else torch.zeros_like(wmin)  # (a tensor: a traced scalar
+    # fill would be a constant that a stored graph does not bring back, tritonact.graphs)
     return P
 
 
