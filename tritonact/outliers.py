@@ -15,8 +15,10 @@ the same format, every channel with:
 
 1. **robust statistics**: mean and std of each channel over its values within :data:`CLIP` standard deviations
    of the last estimate (the plain one first, :data:`ROUNDS` rounds), so the window fits the bulk again;
-2. **escapes**: every value outside that window (at most one per :data:`CAP` values, the furthest out first) is
-   stored exactly, as a row ``(flat index in memory order, value)`` of a float64 ``(E, 2)`` tensor ``esc``;
+2. **escapes**: every value outside that window and more than :data:`ESCAPE` robust standard deviations from the
+   robust mean (at most one per :data:`CAP` values, the furthest out first) is stored exactly, as a row ``(flat
+   index in memory order, value)`` of a float64 ``(E, 2)`` tensor ``esc``; the values between clip into the end
+   bins as usual;
 3. the codes of the other values on the robust grid, with the escaped ones left out of the centroid statistics.
 
 Decoding puts the escaped values back (``escapes.apply_``): their decoded value, mask and activation are exact. A
@@ -34,13 +36,14 @@ from tritonact import centroids, escapes
 from tritonact import reference as ref
 from tritonact.quant import memory_order
 
-__all__ = ["THRESHOLD", "GENERIC_THRESHOLD", "CLIP", "ROUNDS", "CAP", "flagged", "far", "recode"]
+__all__ = ["THRESHOLD", "GENERIC_THRESHOLD", "CLIP", "ROUNDS", "ESCAPE", "CAP", "flagged", "far", "recode"]
 
 THRESHOLD = ref.OUTLIER_SIGMAS  # a channel is flagged beyond this many standard deviations from its mean
 CLIP = 4.0  # robust statistics over the values within this many standard deviations of the last estimate,
 ROUNDS = 3  # this many times (an outlier sample's values leave the estimate over the rounds)
 GENERIC_THRESHOLD = 12.0  # the same for a generic code, which is not normalized: a ReLU output's zeros put its
 # ordinary tail at 6-8 std (tests/test_generic.py's net without BN reaches 7.2)
+ESCAPE = 4.5  # a value is escaped beyond the window and beyond this many robust standard deviations
 CAP = 16  # at most one escape per CAP values of a code (16 bytes each: at most one byte per value)
 
 
@@ -86,7 +89,9 @@ def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, win
     lo, hi = torch.maximum(wmin, mean - half), torch.minimum(wmax, mean + half)
     perm = memory_order(w)
     flat = w.permute(perm).reshape(-1)  # memory order (w is dense in it)
-    outside = ((w < ref.bview(lo, w)) | (w > ref.bview(hi, w))).permute(perm).reshape(-1)
+    reach = ESCAPE * std  # beyond the window and this: escaped (between them: clipped into the end bins)
+    elo, ehi = torch.minimum(lo, mean - reach), torch.maximum(hi, mean + reach)
+    outside = ((w < ref.bview(elo, w)) | (w > ref.bview(ehi, w))).permute(perm).reshape(-1)
     idx = outside.nonzero().squeeze(1)
     cap = max(1, w.numel() // CAP)
     if idx.numel() > cap:  # the furthest out first, in the window's own units
