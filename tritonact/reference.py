@@ -14,7 +14,7 @@ Decoding: ``v~ = (q - nneg + off[q]) * (dp if q >= nneg else dn)``, ``v~ = vhi``
 ``off[q] = 0.5`` (the bin's midpoint) or, where ``P`` has a centroid table, its row for ``q`` (``tritonact.centroids``);
 ``w~ = o + sgn * v~``; mask ``= nneg <= q <= qtop`` (exact); the activation the next layer consumed is
 ``a~ = A * f(v~) + B`` with ``f = max(., 0)`` for ReLU/ReLU6 units and the identity otherwise.
-Codes are packed like ``tritonact.quant`` (memory order, ``8 // bits`` per byte, LSB first).
+Codes are packed like ``tritonact.quant`` (memory order, ``8 // bits`` per byte, LSB first). Row ``out``: outliers.
 """
 
 from __future__ import annotations
