@@ -11,7 +11,9 @@ from tritonact import centroids
 from tritonact import reference as ref
 
 # rows of the (PARAM_ROWS, C) grid tensor, as laid out by reference.ROWS
-_O, _SGN, _RDP, _RDN, _DP, _DN, _NNEG, _QTOP, _VHI, _A, _B = (tl.constexpr(ref.R[n]) for n in ref.ROWS[:11])
+_O, _SGN, _RDP, _RDN, _DP, _DN, _NNEG, _QTOP, _VHI, _A, _B = (
+    tl.constexpr(ref.R[n]) for n in ("o", "sgn", "rdp", "rdn", "dp", "dn", "nneg", "qtop", "vhi", "A", "B")
+)  # (row "out" is read by tritonact.outliers only)
 _ROWS: tl.constexpr = tl.constexpr(ref.PARAM_ROWS)
 _SCALE: tl.constexpr = tl.constexpr(centroids.SCALE)
 _LIMIT: tl.constexpr = tl.constexpr(centroids.LIMIT)

@@ -110,21 +110,19 @@ class Backend:
 
     def _decode_unit_range(self, code: CodeRef, n0, n1, dtype, out):
         shape, perm, bits = code.shape, code.perm, code.bits
-        if escapes.count(code.esc):  # the reference, which puts the escaped values back
-            esc = escapes.select(code.esc, n0, n1, shape, perm) if perm[0] == 0 else code.esc
-            if perm[0] != 0 and (n0, n1) != (0, shape[0]):
-                return ref.decode_act_ref(code.data, code.P, bits, shape, perm, code.act, dtype, esc=esc)[n0:n1]
-            per = math.prod(shape[1:])
-            data = code.data[n0 * per * bits // 8 : (n1 * per * bits + 7) // 8]
-            sub = (n1 - n0,) + tuple(shape[1:])
-            return ref.decode_act_ref(data, code.P, bits, sub, perm, code.act, dtype, out=out, esc=esc)
+
+        def act(data, sub, esc, out=None):  # a code with escapes: the reference, which puts their values back
+            if escapes.count(esc):
+                return ref.decode_act_ref(data, code.P, bits, sub, perm, code.act, dtype, out=out, esc=esc)
+            return self.decode_act(data, code.P, bits, sub, perm, code.act, dtype, out=out)
+
         if (n0, n1) == (0, shape[0]):
-            return self.decode_act(code.data, code.P, bits, shape, perm, code.act, dtype, out=out)
+            return act(code.data, shape, code.esc, out)
         per = math.prod(shape[1:])
         if perm[0] != 0 or (n0 * per * bits) % 8:
-            return self.decode_act(code.data, code.P, bits, shape, perm, code.act, dtype)[n0:n1]
+            return act(code.data, shape, code.esc)[n0:n1]
         data = code.data[n0 * per * bits // 8 : (n1 * per * bits + 7) // 8]
-        return self.decode_act(data, code.P, bits, (n1 - n0,) + tuple(shape[1:]), perm, code.act, dtype)
+        return act(data, (n1 - n0,) + tuple(shape[1:]), escapes.select(code.esc, n0, n1, shape, perm))
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -131,15 +131,15 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
     esc, xesc = escapes.none(y), escapes.none(y)
     if naive:  # the baseline: later layers compute on the decoded activation
         out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
-    elif outliers.flagged(P) or outliers.flagged(xP):  # outliers: coded again, with their values escaped
+    elif (flag := outliers.flagged(P)) | (xflag := outliers.flagged(xP)):  # outliers: coded again, escaped
         grid = dict(bits=bits, gamma=gamma.detach().float(), beta=beta.detach().float(), window=window,
                     pf=positive_fraction, cent=centroids)  # fmt: skip
         xh = _xh(y, invstd, stats)
-        if outliers.flagged(P):
+        if flag:
             w = xh if residual is None else (xh * ref.bview(grid["gamma"], y) + ref.bview(grid["beta"], y) + residual)
             coded = "xh" if residual is None else "sum"
             data, P, esc = outliers.recode(w, act=act, coded=coded, edge=edge, **grid)
-        if outliers.flagged(xP):
+        if xflag:
             xdata, xP, xesc = outliers.recode(xh, act="none", coded="xh", **grid)
     return (
         out, data, P, invstd,
@@ -321,17 +321,12 @@ def _bn_act_backward(
     gamma, beta = gamma.detach().float(), beta.detach().float()
     res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, res_esc)
     reduce = functools.partial(sync.all_reduce_sums, group) if group else None
-    if any(escapes.count(e) for e in (esc, xesc, res_esc)):
-        xh_code = (xdata, xP, xesc) if xdata is not None else None
-        g_y, g_gamma, g_beta, g_res = backends.get("torch").bn_act_backward(
-            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
-            esc=esc,
-        )  # fmt: skip
-    else:
-        xh_code = (xdata, xP) if xdata is not None else None
-        g_y, g_gamma, g_beta, g_res = backends.get(backend).bn_act_backward(
-            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
-        )
+    escaped = any(escapes.count(e) for e in (esc, xesc, res_esc))  # then the torch reference, which reads them
+    xh_code = None if xdata is None else (xdata, xP, xesc) if escaped else (xdata, xP)
+    g_y, g_gamma, g_beta, g_res = backends.get("torch" if escaped else backend).bn_act_backward(
+        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
+        **({"esc": esc} if escaped else {}),
+    )  # fmt: skip
     if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
         g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
     g_y = ref.dense_in(g_y, perm, dtype)
