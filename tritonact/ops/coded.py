@@ -110,9 +110,12 @@ def _conv_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _conv_backward(ctx, g):
+def _conv_backward(ctx, g, into: Tensor | None = None):
+    """The conv's gradients. ``into``: a gradient of its input from its other readers, which nothing else holds, in
+    the input's dtype (``tritonact.ops.fork.ConvFork``); the input gradient is added into it a few samples at a time
+    and ``into`` is returned as the input gradient."""
     if g is None:
-        return (None,) * 17
+        return (into, *(None,) * 16)
     _no_double_backward()
     weight, data, P, *loc = ctx.saved_tensors
     esc = loc.pop(0) if ctx.has_esc else None
@@ -128,30 +131,38 @@ def _conv_backward(ctx, g):
             g, x, w, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
         )
 
+    def input_grad(g):  # needs no input: the transposed convolution (convolution_backward would copy a placeholder)
+        x_shape = local.shape if local is not None else code_shape
+        least = [(g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + 1
+                 for i in (0, 1)]  # fmt: skip
+        pad = [x_shape[2 + i] - least[i] for i in (0, 1)]
+        return F.conv_transpose2d(g, w, None, stride, padding, pad, groups, dilation)
+
     decode_op = _decode if direct() else torch.ops.tritonact.decode
     be = backends.effective(be)
     chunks = list(ref.sample_chunks(code_shape, code_perm, bits))
     g = g.to(dt)
+    gi = gw = gb = None
     if len(chunks) == 1:
         a = decode_op(data, P, local, code_shape, code_perm, bits, act, pool, dt, be, esc)
         gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
+        del a
+        if into is not None:
+            gi = into.add_(gi)
     else:  # the decoded input lives a few samples at a time: the weight gradient is summed over sample chunks
-        gi = gw = gb = None
-        if need[0]:  # needs no input: the transposed convolution (convolution_backward would copy a placeholder)
-            x_shape = local.shape if local is not None else code_shape
-            least = [(g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + 1
-                     for i in (0, 1)]  # fmt: skip
-            pad = [x_shape[2 + i] - least[i] for i in (0, 1)]
-            gi = F.conv_transpose2d(g, w, None, stride, padding, pad, groups, dilation)
-        for n0, n1, b0, b1 in chunks if need[1] or want_b else ():
-            sub = [n1 - n0, *code_shape[1:]]
-            part = local[n0:n1] if local is not None else None
-            e = escapes.select(esc, n0, n1, code_shape, code_perm)
-            a = decode_op(data[b0:b1], P, part, sub, code_perm, bits, act, pool, dt, be, e)
-            _, gw_c, gb_c = backward(g[n0:n1], a, [False, need[1], want_b])
-            del a
-            gw = gw_c if gw is None else gw.add_(gw_c)
-            gb = gb_c if gb is None else gb.add_(gb_c)
+        for n0, n1, b0, b1 in chunks if need[1] or want_b or into is not None else ():
+            if need[1] or want_b:
+                sub = [n1 - n0, *code_shape[1:]]
+                part = local[n0:n1] if local is not None else None
+                e = escapes.select(esc, n0, n1, code_shape, code_perm)
+                a = decode_op(data[b0:b1], P, part, sub, code_perm, bits, act, pool, dt, be, e)
+                _, gw_c, gb_c = backward(g[n0:n1], a, [False, need[1], want_b])
+                del a
+                gw = gw_c if gw is None else gw.add_(gw_c)
+                gb = gb_c if gb is None else gb.add_(gb_c)
+            if into is not None:
+                into[n0:n1].add_(input_grad(g[n0:n1]))
+        gi = into if into is not None else input_grad(g) if need[0] else None
     return (
         gi.to(ctx.x_dtype) if gi is not None else None,
         gw.to(weight.dtype) if gw is not None else None,

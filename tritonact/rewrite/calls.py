@@ -18,6 +18,7 @@ from tritonact import reference as ref
 from tritonact.config import DEFAULT_WINDOW, MIN_VALUES, ApproxConfig
 from tritonact.ops.bn_act import BNActFn, direct
 from tritonact.ops.coded import ConvFn, MaxPoolFn
+from tritonact.ops.fork import conv_fork, fork
 from tritonact.quant import memory_order
 from tritonact.rewrite.plan import UnitSpec, pair
 
@@ -146,16 +147,23 @@ class CodedConv(nn.Module):
         super().__init__()
         self.conv, self.backend = conv, backend
 
-    def forward(self, x, code: Code | None):
+    def forward(self, x, code: Code | None, aliases: int = 0):
+        """The conv's output; with ``aliases`` = n, ``(output, *n aliases of x)`` for ``x``'s other readers, whose
+        gradients the conv's backward adds its input gradient into (``tritonact.ops.fork``)."""
         c = self.conv
         if code is None or not torch.is_grad_enabled() or x.dim() != 4:
-            return c(x)
-        run = ConvFn.apply if direct() else torch.ops.tritonact.conv2d
-        return run(
+            if not aliases:
+                return c(x)
+            x, *others = fork(x, aliases + 1)
+            return (c(x), *others)
+        args = (
             x, c.weight, c.bias, list(pair(c.stride)), list(pair(c.padding)), list(pair(c.dilation)), c.groups,
             code.data, code.P, code.local, code.shape, code.perm, code.bits, code.act, code.pool,
             backends.effective(self.backend), code.esc,
         )  # fmt: skip
+        if aliases:
+            return conv_fork(*args, aliases)
+        return ConvFn.apply(*args) if direct() else torch.ops.tritonact.conv2d(*args)
 
 
 class CodedPool(nn.Module):

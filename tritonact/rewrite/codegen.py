@@ -19,6 +19,7 @@ from torch.fx.node import map_arg
 
 from tritonact import saved
 from tritonact.config import ApproxConfig
+from tritonact.ops.fork import fork
 from tritonact.rewrite.calls import CodedConv, CodedPool, Unit
 from tritonact.rewrite.plan import Plan, has_hooks
 from tritonact.ring import Ring, RingPlan, schedule
@@ -131,6 +132,37 @@ def _fetch(root: nn.Module, target: str):
     return obj
 
 
+def _fork_shared(graph: fx.Graph, modules, values) -> None:
+    """Split each value read by several of tritonact's calls (a ResNet block input: the block's first conv and its
+    residual) into one alias per reader (``tritonact.ops.fork``). Where the first reader is a convolution, it makes
+    the aliases and its backward adds its input gradient into the others' a few samples at a time; otherwise their
+    gradients are summed in place. Autograd's own sum would be out of place inside a dispatch mode (MemTracker), a
+    third activation-sized gradient at the backward's peak."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    ours = (CodedConv, CodedPool, Unit)
+    for v in values:
+        readers = sorted(v.users, key=order.__getitem__)
+        if len(readers) < 2 or not all(r.op == "call_module" and isinstance(modules[r.target], ours) for r in readers):
+            continue
+        first = readers[0]
+        if isinstance(modules[first.target], CodedConv) and first.args[0] is v and v not in first.args[1:]:
+            with graph.inserting_after(first):
+                made = graph.call_module(first.target, first.args, {"aliases": len(readers) - 1})
+            with graph.inserting_after(made):
+                out = graph.call_function(operator.getitem, (made, 0))
+            first.replace_all_uses_with(out)
+            graph.erase_node(first)
+            others, at = readers[1:], out
+        else:
+            with graph.inserting_after(v):
+                made = at = graph.call_function(fork, (v, len(readers)))
+            others = readers
+        for i, r in enumerate(others, start=1 if made is not at else 0):
+            with graph.inserting_after(at):
+                at = graph.call_function(operator.getitem, (made, i))
+            r.replace_input_with(v, at)
+
+
 def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
     """The rewritten GraphModule of traced ``gm`` under ``plan``."""
     ring_plan = _ring_plan(gm, plan) if config.ring is not False and plan.units else None
@@ -193,5 +225,6 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
             if node.op == "get_attr":  # a parameter, buffer or constant the forward reads: the same object
                 modules[node.target] = _fetch(gm, node.target)
             env[node] = graph.node_copy(node, lambda n: env[n])
+    _fork_shared(graph, modules, [env[n] for n in (*plan.units, *plan.pools) if n in env])
     graph.lint()
     return Rewritten(fx.GraphModule(modules, graph, class_name=type(gm).__name__), plan, ring_plan, ring)
