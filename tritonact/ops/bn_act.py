@@ -376,14 +376,19 @@ def _sole_owner(g: Tensor, perm, dtypes, backend: str) -> bool:
     (``can_accumulate_inplace`` in torch/csrc/autograd/input_buffer.cpp): a plain tensor, dense, held by this call
     only, sharing its storage with nothing; and here also in the memory order and dtype the outputs have (fp32 for
     the CPU paths, whose sums run in fp32). Never while ``torch.compile`` traces (its own planner reuses buffers)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; present in torch 2.1-2.14
-    if use_count is None or not hasattr(g, "_use_count") or torch.compiler.is_compiling():
-        return False
-    if type(g) is not torch.Tensor or g.requires_grad or any(d != g.dtype for d in dtypes):
+    if torch.compiler.is_compiling() or not owned(g) or any(d != g.dtype for d in dtypes):
         return False
     if backend != "triton" and g.dtype != torch.float32:
         return False
-    if not g.permute(tuple(perm)).is_contiguous():
+    return g.permute(tuple(perm)).is_contiguous()
+
+
+def owned(g: Tensor) -> bool:
+    """Whether nothing but the caller holds ``g``: a plain dense tensor that does not require grad, whose storage
+    nothing else shares (``can_accumulate_inplace``)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; present in torch 2.1-2.14
+    if use_count is None or not hasattr(g, "_use_count") or type(g) is not torch.Tensor or g.requires_grad:
         return False
-    storage = g.untyped_storage()
-    return g._use_count() == 1 and use_count(storage._cdata) == 2  # g, and the handle `storage` held here
+    if g.layout != torch.strided or not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return g._use_count() == 1 and use_count(g.untyped_storage()._cdata) == 2  # g, and the storage handle here

@@ -14,20 +14,10 @@ import torch
 from torch import Tensor
 
 from tritonact.ops.bn_act import direct
+from tritonact.ops.bn_act import owned as _owned
 from tritonact.ops.coded import _conv2d, _conv_backward, _conv_setup
 
 __all__ = ["fork", "Fork", "ConvFork", "conv_fork"]
-
-
-def _owned(g: Tensor) -> bool:
-    """Whether ``g`` may be overwritten: a plain dense tensor held by this call only and sharing its storage with
-    nothing (the test of ``tritonact.ops.bn_act._sole_owner``, without its layout rules)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; present in torch 2.1-2.14
-    if use_count is None or not hasattr(g, "_use_count") or type(g) is not torch.Tensor or g.requires_grad:
-        return False
-    if g.layout != torch.strided or not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
-        return False
-    return g._use_count() == 1 and use_count(g.untyped_storage()._cdata) == 2  # g, and the storage handle here
 
 
 def _sum(gs: list[Tensor]) -> Tensor:
@@ -77,14 +67,12 @@ class ConvFork(torch.autograd.Function):
         args, n = inputs[:-1], inputs[-1]
         out = _conv2d(*args) if direct() else torch.ops.tritonact.conv2d(*args)
         _conv_setup(ctx, args, out)
-        ctx.n = n
         return (out, *(args[0].detach() for _ in range(n)))
 
     @staticmethod
     def backward(ctx, g, *grads):
         gs = [g for g in grads if g is not None]
         into = _sum(gs) if gs else None
-        del gs, grads
         if into is not None and ctx.needs_input_grad[0]:
             fits = into.dtype == ctx.dtype == ctx.x_dtype and not torch.is_grad_enabled() and _owned(into)
             if not fits:  # added after the conv's own
