@@ -53,6 +53,10 @@ class Backend:
     """What every backend provides. Subclasses override what they run differently."""
 
     name = ""
+    # Whether ``bn_act`` may write a join's output into its BN input ``y`` (``out is y``) and leave the activation
+    # to the caller (``activate=False``): the pre-activation sum is then what a recode of outliers reads, ``y``
+    # being gone (``tritonact.ops.bn_act``).
+    overwrites_input = False
 
     @staticmethod
     def available(device: torch.device) -> bool:
@@ -60,7 +64,7 @@ class Backend:
 
     # -- unit forward --------------------------------------------------------------------------------------
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None, centroids=False, edge=-1.0):  # fmt: skip
+               stats=None, centroids=False, edge=-1.0, activate=True):  # fmt: skip
         """``(out, data, P, invstd, xdata, xP, new_rm, new_rv)``: the unit's output (written into ``out`` when
         given), its packed codes and grid, ``1/sigma``, the second code of xh (``None``, ``None`` unless
         ``store_xh``) and the running statistics after this batch (``None`` without them). ``y`` is dense in its
@@ -68,7 +72,8 @@ class Backend:
         the batch statistics computed elsewhere (``tritonact.sync.global_stats``: ``(mean, invstd, new_rm, new_rv,
         var)``), which the unit normalizes with instead of its own batch's. ``centroids``: the grids carry a centroid
         table measured from this batch (``tritonact.centroids``). ``edge``: where ``>= 0``, ``P``'s bins have edges
-        at the output values ``±edge`` (``reference.code_params``; ``act == "none"`` only)."""
+        at the output values ``±edge`` (``reference.code_params``; ``act == "none"`` only). ``activate=False``
+        (backends that declare ``overwrites_input``): ``out`` is left holding the pre-activation value."""
         raise NotImplementedError
 
     def bn_act_backward(
@@ -180,13 +185,14 @@ def effective(name: str) -> str:
 @register_backend
 class TorchBackend(Backend):
     name = "torch"
+    overwrites_input = True  # y is read before out is written (native_batch_norm.out is elementwise after the stats)
 
     @staticmethod
     def available(device: torch.device) -> bool:
         return True
 
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None, centroids=False, edge=-1.0):  # fmt: skip
+               stats=None, centroids=False, edge=-1.0, activate=True):  # fmt: skip
         # BN by the module's own op, so output and running statistics are bit-identical to nn.BatchNorm2d's
         new_rm = rm.clone() if rm is not None else None
         new_rv = rv.clone() if rv is not None else None
@@ -219,7 +225,8 @@ class TorchBackend(Backend):
         data, P, xdata, xP = self._codes(
             y, mean, invstd, gamma, beta, residual, out, bits, act, window, pf, store_xh, centroids, edge
         )
-        ref.activate_(out, act)
+        if activate:
+            ref.activate_(out, act)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
     def _codes(self, y, mean, invstd, gamma, beta, residual, s, bits, act, window, pf, store_xh, cent=False, edge=-1.0):

@@ -40,8 +40,7 @@ def _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act
     )
 
 
-@torch.library.custom_op("tritonact::bn_act", mutates_args=())
-def bn_act(
+def _bn_act(
     y: Tensor,
     gamma: Tensor,
     beta: Tensor,
@@ -101,6 +100,9 @@ def bn_act(
     )
 
 
+bn_act = torch.library.custom_op("tritonact::bn_act", _bn_act, mutates_args=())
+
+
 def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
           window, positive_fraction, store_xh, naive, backend, group, centroids, edge=-1.0, out=None):  # fmt: skip
     if momentum is None:  # cumulative average: the caller has counted this batch already
@@ -109,6 +111,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         eaf = momentum
     be = backends.get(backend)
     stats = sync.global_stats(y, group, eps, eaf, running_mean, running_var) if group else None
+    overwrite = out is y  # a join writing into its BN input (overwrites_input): y is gone once out is written
     out, data, P, invstd, xdata, xP, new_rm, new_rv = be.bn_act(
         y,
         gamma,
@@ -127,20 +130,26 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         stats=stats,
         centroids=centroids,
         edge=edge,
+        **({"activate": False} if overwrite else {}),
     )
-    esc, xesc = escapes.none(y), escapes.none(y)
+    esc, xesc = escapes.none(out), escapes.none(out)
     if naive:  # the baseline: later layers compute on the decoded activation
-        out = be.decode_act(data, P, bits, tuple(y.shape), memory_order(y), act, out.dtype, out=out)
+        out = be.decode_act(data, P, bits, tuple(out.shape), memory_order(out), act, out.dtype, out=out)
     elif (flag := outliers.flagged(P)) | (xflag := outliers.flagged(xP)):  # outliers: coded again, escaped
         grid = dict(bits=bits, gamma=gamma.detach().float(), beta=beta.detach().float(), window=window,
                     pf=positive_fraction, cent=centroids)  # fmt: skip
-        xh = _xh(y, invstd, stats)
+        xh = None if overwrite else _xh(y, invstd, stats)
         if flag:
-            w = xh if residual is None else (xh * ref.bview(grid["gamma"], y) + ref.bview(grid["beta"], y) + residual)
+            if overwrite:  # (a join without a second code) the sum, before its activation
+                w = out.float()
+            else:
+                w = xh if residual is None else xh * ref.bview(grid["gamma"], y) + ref.bview(grid["beta"], y) + residual
             coded = "xh" if residual is None else "sum"
             data, P, esc = outliers.recode(w, act=act, coded=coded, edge=edge, **grid)
         if xflag:
             xdata, xP, xesc = outliers.recode(xh, act="none", coded="xh", **grid)
+    if overwrite and not naive:
+        ref.activate_(out, act)
     return (
         out, data, P, invstd,
         xdata if xdata is not None else _empty0(data), xP if xP is not None else _empty0(P),
@@ -156,10 +165,9 @@ def _xh(y: Tensor, invstd: Tensor, stats) -> Tensor:
     return (y.float() - ref.bview(mean.float(), y)) * ref.bview(invstd.float(), y)
 
 
-@bn_act.register_fake
-def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data, res_P,
-      res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction, store_xh, naive,
-      backend, group="", centroids=False, edge=-1.0, res_esc=None):  # fmt: skip
+def _bn_act_fake(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, res_data,
+                 res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, act, window, positive_fraction,
+                 store_xh, naive, backend, group="", centroids=False, edge=-1.0, res_esc=None):  # fmt: skip
     C = y.shape[1]
     rows = ref.PARAM_ROWS + ((1 << bits) if centroids else 0)
     dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
@@ -177,6 +185,24 @@ def _(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, 
         y.new_empty(torch.library.get_ctx().new_dynamic_size(), 2, dtype=torch.float64),
         y.new_empty(torch.library.get_ctx().new_dynamic_size(), 2, dtype=torch.float64),
     )
+
+
+bn_act.register_fake(_bn_act_fake)
+
+
+def _bn_act_into_input(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
+                       res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, act, window,
+                       positive_fraction, store_xh, naive, backend, group="", centroids=False, edge=-1.0,
+                       res_esc=None):  # fmt: skip
+    """``tritonact::bn_act`` writing its output into ``y`` (a join whose BN input nothing else reads, on a backend
+    that ``overwrites_input``): returns the other nine outputs (an op may not return an alias of its input)."""
+    return _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_tracked, momentum, eps, bits, act,
+                 window, positive_fraction, store_xh, naive, backend, group, centroids, edge, out=y)[1:]  # fmt: skip
+
+
+_bn_act_into_input.__signature__ = inspect.signature(_bn_act).replace(return_annotation=tuple[(Tensor,) * 9])
+bn_act_ = torch.library.custom_op("tritonact::bn_act_", _bn_act_into_input, mutates_args=("y",))
+bn_act_.register_fake(lambda *args, **kwargs: _bn_act_fake(*args, **kwargs)[1:])
 
 
 def _setup(ctx, inputs, output):
@@ -252,16 +278,22 @@ bn_act.register_autograd(_backward, setup_context=_setup)
 
 
 class BNActFn(torch.autograd.Function):
-    """``tritonact::bn_act`` run directly, with the op's implementation and autograd formula (see :func:`direct`),
-    optionally writing its output into a given buffer ``out`` (a ring slot; an op's output cannot alias a buffer it
-    is handed, so the ring is an eager-only path)."""
+    """``tritonact::bn_act`` with the op's implementation and autograd formula, writing its output into a given
+    buffer ``out``: a ring slot (eager only, see :func:`direct`: an op's output cannot alias a buffer it is handed),
+    or ``y`` itself (a join whose BN input nothing else reads; through ``tritonact::bn_act_`` inside a dispatch
+    mode, so MemTracker sees the op and no new output)."""
 
     @staticmethod
     def forward(ctx, out, *inputs):
         (y, gamma, beta, residual, rm, rv, nbt, momentum, eps, *_res, bits, act, window, pf, store_xh, naive,
          backend, group, centroids, edge, _res_esc) = inputs  # fmt: skip
-        outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
-                        naive, backend, group, centroids, edge, out=out)  # fmt: skip
+        if out is y and not direct():
+            outputs = (y, *torch.ops.tritonact.bn_act_(*inputs))
+        else:
+            outputs = _impl(y, gamma, beta, residual, rm, rv, nbt, momentum, eps, bits, act, window, pf, store_xh,
+                            naive, backend, group, centroids, edge, out=out)  # fmt: skip
+        if out is y:
+            ctx.mark_dirty(y)
         _setup(ctx, inputs, outputs)
         ctx.first_input = 1
         ctx.mark_non_differentiable(*outputs[1:])

@@ -52,7 +52,10 @@ class Unit(nn.Module):
         )  # fmt: skip
         self.ring, self.slot, self.use_ring = ring, slot, config.ring
 
-    def forward(self, y, residual=None, res_code: Code | None = None):
+    def forward(self, y, residual=None, res_code: Code | None = None, overwrite: bool = False):
+        """``overwrite``: nothing but this unit reads ``y`` (a convolution's output, see ``codegen``), so a join may
+        write its output into ``y``'s buffer where the backend can (one activation-sized tensor less at the
+        forward's peak)."""
         bn, spec = self.bn, self.spec
         group = sync.group_key(bn) if bn.training else ""
         if group and y.numel() == 0 and torch.is_grad_enabled():
@@ -92,15 +95,26 @@ class Unit(nn.Module):
             res_esc = res_code.esc
         else:
             rc, res_esc = (None, None, None, [], [], [], "none"), None
+        store_xh = spec.store_xh and residual is not None
         bits = spec.bits or self.bits
         window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
-            self.pf, spec.store_xh and residual is not None, self.naive, backend, group,
+            self.pf, store_xh, self.naive, backend, group,
             self.config.centroids(bits) and y.numel() >= (2 << bits) * C,  # a table only for 2 values per code or more
             spec.edge, res_esc,
         )  # fmt: skip
-        if direct():
+        into_y = (
+            overwrite
+            and residual is not None
+            and not store_xh  # (its second code reads y after the output is written)
+            and backends.get(backend).overwrites_input
+            and y.dtype == residual.dtype
+            and not torch.compiler.is_compiling()  # (inductor plans the buffers)
+        )
+        if into_y:
+            outputs = BNActFn.apply(y, *args)
+        elif direct():
             outputs = BNActFn.apply(self._ring_slot(y, residual), *args)
         else:
             outputs = torch.ops.tritonact.bn_act(*args)

@@ -125,6 +125,15 @@ def derives(gm: fx.GraphModule) -> bool:
     return any(_derivable(node, modules) for node in gm.graph.nodes)
 
 
+def _sole_conv_output(y: fx.Node, modules) -> bool:
+    """Whether ``y`` is the output of a plain ``nn.Conv2d`` call (which keeps nothing of its output, and has no
+    hooks that could) read by nothing but one BN: a join may then write its output into ``y``'s buffer."""
+    if y.op != "call_module" or len(y.users) != 1 or len(y.args) != 1 or y.kwargs:
+        return False
+    m = modules.get(y.target)
+    return isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward and not has_hooks(m)
+
+
 def _fetch(root: nn.Module, target: str):
     obj = root
     for part in target.split("."):
@@ -193,6 +202,8 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
             # (MemTracker's ModTracker) would otherwise hold y's gradient until the residual's arrives, i.e. through
             # the whole block's backward, an activation-sized tensor that an untracked step never keeps.
             kwargs = None if res is None else {"residual": env[res], "res_code": codes.get(res)}
+            if res is not None and _sole_conv_output(y, modules):
+                kwargs["overwrite"] = True
             split(node, call(Unit(spec, config, ring, slot), spec.name, "unit", (env[y],), kwargs))
             if spec.post is not None:  # a norm-plus-activation module's activation; its output has no code
                 f = _OUT_OF_PLACE.get(type(spec.post)) if getattr(spec.post, "inplace", False) else None
