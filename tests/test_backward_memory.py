@@ -449,13 +449,22 @@ def test_a_conv_output_read_elsewhere_or_hooked_is_not_overwritten():
     assert seen and seen[0].shape == want.shape  # the hook saw the conv's own output, not the join's
 
 
-@pytest.mark.parametrize("overwrite", [True, False])
-def test_join_overwrite_lowers_the_forward_peak(overwrite, monkeypatch):
+def _no_hoist(monkeypatch):
+    from tritonact.rewrite import codegen
+
+    monkeypatch.setattr(codegen, "_hoist_residual_branches", lambda *a: None)
+
+
+@pytest.mark.parametrize("overwrite, hoist", [(True, True), (True, False), (False, False)])
+def test_overwrite_and_hoisting_lower_the_forward_peak(overwrite, hoist, monkeypatch):
     """resnet50's forward peaked at layer1's joins: the block input, conv3's output and the join's output (three
-    layer1-output-sized tensors) plus the codes so far. Written into conv3's output, the join's is one less, and
-    the forward's peak moves to layer1.0's downsample BN (conv3's output, the downsample conv's and its BN's)."""
+    layer1-output-sized tensors) plus the codes so far. Written into conv3's output, the join's is one less, and the
+    peak moves to layer1.0's downsample BN (conv3's output, the downsample conv's and its BN's); with the residual
+    branch run first (``codegen._hoist_residual_branches``) that is the downsample's two and the small block input."""
     if not overwrite:
         _no_overwrite(monkeypatch)
+    if not hoist:
+        _no_hoist(monkeypatch)
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10)
     x = torch.randn(4, 3, 128, 128)
@@ -464,5 +473,28 @@ def test_join_overwrite_lowers_the_forward_peak(overwrite, monkeypatch):
         with _BackwardPeak(model) as mode:
             model(x)
     peak = mode.peak / size
-    # measured: 3.39 with the overwrite, 3.91 without (in layer1 outputs: three or four of them, plus the codes)
-    assert (peak < 3.6) if overwrite else (peak > 3.7), peak
+    # measured, in layer1 outputs (the rest is codes): 3.91 as traced, 3.39 with the overwrite, 3.03 hoisted too
+    bound = {(True, True): (2.9, 3.2), (True, False): (3.25, 3.55), (False, False): (3.75, 4.05)}[overwrite, hoist]
+    assert bound[0] < peak < bound[1], peak
+
+
+@pytest.mark.parametrize("under_mode", [False, True], ids=["direct", "dispatcher"])
+def test_hoisted_residual_branches_keep_the_gradients(under_mode, monkeypatch):
+    """resnet18's downsample branches run before their blocks' first conv, which then reads the block input's alias
+    (the downsample conv adds its input gradient into the first conv's a few samples at a time): gradients equal the
+    traced order's within the rounding of a conv over a sample chunk (~1e-6 relative in fp32)."""
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 2 * 64 * 16 * 16)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(8, 3, 64, 64), torch.arange(8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with tritonact.approximate(model, bits=4, compile=False) as ctx:
+        ((_, gm),) = ctx.report().graph_modules
+    code = gm.code
+    assert code.index("layer2_0_downsample_1(") < code.index("layer2_0_conv1(")
+    got, _ = _grads(model, x, y, reuse=True, under_mode=under_mode, monkeypatch=monkeypatch)
+    model.load_state_dict(state)
+    _no_hoist(monkeypatch)
+    want, _ = _grads(model, x, y, reuse=True, under_mode=under_mode, monkeypatch=monkeypatch)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)

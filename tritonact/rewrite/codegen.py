@@ -172,6 +172,45 @@ def _fork_shared(graph: fx.Graph, modules, values) -> None:
             r.replace_input_with(v, at)
 
 
+def _hoist_residual_branches(graph: fx.Graph, modules) -> None:
+    """Run each join's residual branch (a downsample conv and its BN unit) as soon as its inputs exist instead of
+    right before the join. Traced in the model's order the branch runs after the main branch, while the main
+    branch's last output waits for the join: at a ResNet stage's first block that is three output-sized tensors
+    alive at once (conv3's output, the downsample conv's and its BN's). Hoisted, the residual waits instead, and the
+    block input dies earlier. Only tritonact's own calls move (no hooks, no randomness: the same values)."""
+    movable = (CodedConv, CodedPool, Unit)
+
+    def ours(n: fx.Node) -> bool:
+        if n.op == "call_function":
+            return n.target is operator.getitem
+        return n.op == "call_module" and isinstance(modules[n.target], movable)
+
+    for join in list(graph.nodes):
+        if join.op != "call_module" or not isinstance(modules[join.target], Unit) or "residual" not in join.kwargs:
+            continue
+        ends = [n for n in (join.kwargs["residual"], join.kwargs.get("res_code")) if isinstance(n, fx.Node)]
+        if not all(ours(n) and set(n.users) == {join} for n in ends):
+            continue
+        branch, grew = set(ends), True
+        while grew:  # the ancestors that feed nothing but the branch
+            grew = False
+            for n in list(branch):
+                for a in _reads(n):
+                    if a not in branch and ours(a) and set(a.users) <= branch:
+                        branch.add(a)
+                        grew = True
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        inputs = [a for n in branch for a in _reads(n) if a not in branch]
+        start = max(inputs, key=order.__getitem__, default=None)
+        if start is None:
+            continue
+        at = start
+        for n in sorted(branch, key=order.__getitem__):
+            if order[n] > order[at]:
+                at.append(n)
+            at = n
+
+
 def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
     """The rewritten GraphModule of traced ``gm`` under ``plan``."""
     ring_plan = _ring_plan(gm, plan) if config.ring is not False and plan.units else None
@@ -236,6 +275,8 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
             if node.op == "get_attr":  # a parameter, buffer or constant the forward reads: the same object
                 modules[node.target] = _fetch(gm, node.target)
             env[node] = graph.node_copy(node, lambda n: env[n])
+    if config.ring is not True:  # (the ring's slots are scheduled on the traced order)
+        _hoist_residual_branches(graph, modules)
     _fork_shared(graph, modules, [env[n] for n in (*plan.units, *plan.pools) if n in env])
     graph.lint()
     return Rewritten(fx.GraphModule(modules, graph, class_name=type(gm).__name__), plan, ring_plan, ring)
