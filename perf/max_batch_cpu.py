@@ -1,7 +1,7 @@
 """Largest batch whose whole training step fits a memory budget, on CPU (MemTracker's peak of the step), exact vs
 tritonact vs torch.utils.checkpoint per stage (docs/memory.md, "Max batch").
 
-    python perf/max_batch_cpu.py [--model resnet50] [--res 128] [--budget-mib 1024] [--modes exact 4bit checkpoint]
+    python -m perf.max_batch_cpu [--model resnet50] [--res 128] [--budget-mib 1024] [--modes exact 4bit checkpoint]
 
 Each probe runs one real training step (SGD with momentum, fresh optimizer and context) and asks
 ``tritonact.peak_memory`` for its peak (weights, gradients, optimizer state, activations, temporaries); the batch is
