@@ -270,21 +270,28 @@ def test_block_input_gradients_unchanged_by_the_fork(under_mode, monkeypatch):
     """A block input's readers get aliases (``tritonact.ops.fork``): the first conv's input gradient is added into
     the residual's a few samples at a time, the same sum autograd makes (a conv of a sample chunk may round
     differently from the whole batch's: ~1e-6 relative in fp32)."""
-    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 2 * 64 * 16 * 16)  # two samples of layer1's input per chunk
+    code, got, want = _resnet18_with_and_without(_no_fork, under_mode, monkeypatch)
+    assert code.count("aliases = 1") == 8  # every block input: its first conv gives the residual an alias
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+def _resnet18_with_and_without(disable, under_mode, monkeypatch):
+    """resnet18's generated code and gradients (8 x 64x64, two samples of layer1's input per sample chunk), and the
+    gradients from the same state with ``disable(monkeypatch)`` applied."""
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 2 * 64 * 16 * 16)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     x, y = torch.randn(8, 3, 64, 64), torch.arange(8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with tritonact.approximate(model, bits=4, compile=False) as ctx:
         ((_, gm),) = ctx.report().graph_modules
-    assert gm.code.count("aliases = 1") == 8  # every block input: its first conv gives the residual an alias
     got, _ = _grads(model, x, y, reuse=True, under_mode=under_mode, monkeypatch=monkeypatch)
     model.load_state_dict(state)
-    _no_fork(monkeypatch)
+    disable(monkeypatch)
     want, _ = _grads(model, x, y, reuse=True, under_mode=under_mode, monkeypatch=monkeypatch)
-    assert want.keys() == got.keys()
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+    return gm.code, got, want
 
 
 class _BackwardPeak(TorchDispatchMode):
@@ -483,18 +490,7 @@ def test_hoisted_residual_branches_keep_the_gradients(under_mode, monkeypatch):
     """resnet18's downsample branches run before their blocks' first conv, which then reads the block input's alias
     (the downsample conv adds its input gradient into the first conv's a few samples at a time): gradients equal the
     traced order's within the rounding of a conv over a sample chunk (~1e-6 relative in fp32)."""
-    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 2 * 64 * 16 * 16)
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    x, y = torch.randn(8, 3, 64, 64), torch.arange(8)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with tritonact.approximate(model, bits=4, compile=False) as ctx:
-        ((_, gm),) = ctx.report().graph_modules
-    code = gm.code
+    code, got, want = _resnet18_with_and_without(_no_hoist, under_mode, monkeypatch)
     assert code.index("layer2_0_downsample_1(") < code.index("layer2_0_conv1(")
-    got, _ = _grads(model, x, y, reuse=True, under_mode=under_mode, monkeypatch=monkeypatch)
-    model.load_state_dict(state)
-    _no_hoist(monkeypatch)
-    want, _ = _grads(model, x, y, reuse=True, under_mode=under_mode, monkeypatch=monkeypatch)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
