@@ -494,3 +494,25 @@ def test_hoisted_residual_branches_keep_the_gradients(under_mode, monkeypatch):
     assert code.index("layer2_0_downsample_1(") < code.index("layer2_0_conv1(")
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_a_global_forward_hook_keeps_the_conv_outputs_it_saw():
+    """A forward hook registered for every module sees each convolution's output; a join then leaves that output
+    alone (it would otherwise change under the hook's reference)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+
+    def hook(m, args, out):  # (inside the context a convolution's call is tritonact's wrapper of it)
+        if "Conv" in type(m).__name__ and isinstance(out, torch.Tensor):
+            seen.append((out, out.detach().clone()))
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with tritonact.approximate(model, bits=4, compile=False):
+            model(x).sum().backward()
+    finally:
+        handle.remove()
+    assert len(seen) >= 20  # every convolution's call
+    assert all(torch.equal(out, copy) for out, copy in seen)

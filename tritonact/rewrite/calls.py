@@ -111,6 +111,7 @@ class Unit(nn.Module):
             and backends.get(backend).overwrites_input
             and y.dtype == residual.dtype
             and not torch.compiler.is_compiling()  # (inductor plans the buffers)
+            and not _global_forward_hooks()  # (one may have kept the convolution's output)
         )
         if into_y:
             outputs = BNActFn.apply(y, *args)
@@ -152,6 +153,14 @@ class Unit(nn.Module):
             return None
         dtype = y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
         return self.ring.like(self.slot, y, dtype)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks registered for every module (``nn.modules.module.register_module_forward_hook``) exist:
+    they see each convolution's output, which a join would then overwrite."""
+    from torch.nn.modules import module
+
+    return bool(getattr(module, "_global_forward_hooks", None))
 
 
 class CodedConv(nn.Module):
