@@ -516,3 +516,33 @@ def test_a_global_forward_hook_keeps_the_conv_outputs_it_saw():
         handle.remove()
     assert len(seen) >= 20  # every convolution's call
     assert all(torch.equal(out, copy) for out, copy in seen)
+
+
+class _SharedDownsample(nn.Module):
+    """Two blocks whose residual branches call one BN module: its running statistics depend on the calls' order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.ds, self.dbn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        a = torch.relu(self.bn0(self.stem(x)))
+        for _ in range(2):
+            a = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(a))))) + self.dbn(self.ds(a)))
+        return a.mean((2, 3))
+
+
+def test_a_module_called_twice_keeps_its_calls_order():
+    model = _SharedDownsample()
+    with tritonact.approximate(model, bits=4, compile=False) as ctx:
+        ((_, gm),) = ctx.report().graph_modules
+    code = gm.code
+    assert code.index("_c1(") < code.index("_ds(")  # the shared branch is not hoisted
+
+    plain = torchvision.models.resnet18(num_classes=10)
+    with tritonact.approximate(plain, bits=4, compile=False) as ctx:
+        ((_, gm),) = ctx.report().graph_modules
+    assert gm.code.index("layer2_0_downsample_0(") < gm.code.index("layer2_0_conv1(")  # hoisted where unshared

@@ -180,10 +180,20 @@ def _hoist_residual_branches(graph: fx.Graph, modules) -> None:
     block input dies earlier. Only tritonact's own calls move (no hooks, no randomness: the same values)."""
     movable = (CodedConv, CodedPool, Unit)
 
+    def user_module(n: fx.Node):
+        m = modules[n.target]
+        return m.bn if isinstance(m, Unit) else m.conv if isinstance(m, CodedConv) else getattr(m, "pool", m)
+
+    uses: dict[int, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            uses[id(user_module(n))] = uses.get(id(user_module(n)), 0) + 1
+
     def ours(n: fx.Node) -> bool:
         if n.op == "call_function":
             return n.target is operator.getitem
-        return n.op == "call_module" and isinstance(modules[n.target], movable)
+        # a module called twice (shared weights) keeps its calls' order: its running statistics depend on it
+        return n.op == "call_module" and isinstance(modules[n.target], movable) and uses[id(user_module(n))] == 1
 
     for join in list(graph.nodes):
         if join.op != "call_module" or not isinstance(modules[join.target], Unit) or "residual" not in join.kwargs:
