@@ -351,14 +351,17 @@ def _no_overwrite(monkeypatch):
     monkeypatch.setattr(codegen, "_sole_conv_output", lambda *a: False)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("under_mode", [False, True], ids=["direct", "dispatcher"])
-def test_join_writes_into_its_conv_output_with_the_same_results(under_mode, monkeypatch):
+def test_join_writes_into_its_conv_output_with_the_same_results(under_mode, channels_last, monkeypatch):
     """A join whose BN input is a convolution's output that nothing else reads writes its output into that buffer
     (``Unit(overwrite=True)``; inside a dispatch mode through ``tritonact::bn_act_``): outputs, gradients and
     running statistics bit for bit as with a new output."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def run():
