@@ -134,6 +134,7 @@ def _bn_act_fwd_kernel(
     C,
     inner,
     ACT: tl.constexpr,
+    ACTIVATE: tl.constexpr,
     RES: tl.constexpr,
     XH: tl.constexpr,
     CENT: tl.constexpr,
@@ -162,10 +163,11 @@ def _bn_act_fwd_kernel(
         if S_DT != "fp32":
             z = _round(z, S_DT)
         w = z
-    if ACT == "relu":
-        z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, like torch
-    elif ACT == "relu6":
-        z = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
+    if ACTIVATE:  # (else the caller activates: a join whose outliers are coded again from the sum)
+        if ACT == "relu":
+            z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, like torch
+        elif ACT == "relu6":
+            z = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
     _store(out_ptr, idx, z, m)
     bm = byte < nbytes
     packed, v, q = _encode(w, p_ptr, c, C, m, j, BITS)
@@ -301,11 +303,13 @@ def bn_stats_forward(y, residual=None, mean=None, invstd=None, gamma=None, beta=
     return mean64, var64, part[3].amin(0), part[4].amax(0)
 
 
-def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act: str, out=None):
-    """The fused elementwise pass: ``(out, data, xdata)``. ``out`` is in y's dtype, or for a join in the dtype of the
-    model's add (``promote_types(y, residual)``); ``xdata`` (the xh code under ``xP``) is None without ``xP``.
+def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act: str, out=None, activate=True):
+    """The fused elementwise pass: ``(out, data, xdata)``; ``activate=False`` leaves ``out`` before the
+    activation. ``out`` is in y's dtype, or for a join in the dtype of the model's add
+    (``promote_types(y, residual)``); ``xdata`` (the xh code under ``xP``) is None without ``xP``.
     ``mean``, ``invstd``, ``gamma``, ``beta``: fp32 ``(C,)``; ``P``/``xP``: grids from ``reference.code_params``.
-    A given ``out`` (e.g. a ring slot) is written in place if it is dense in y's memory order, else copied into."""
+    A given ``out`` (e.g. a ring slot, or ``y`` itself: each element is read before it is written, by the same
+    program) is written in place if it is dense in y's memory order, else copied into."""
     perm = memory_order(y)
     y3 = _view3(y, perm)
     r3 = _view3(residual, perm) if residual is not None else y3
@@ -346,6 +350,7 @@ def bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits: int, act
         C,
         inner,
         ACT=act,
+        ACTIVATE=activate,
         RES=residual is not None,
         XH=xP is not None,
         CENT=cent,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonact import centroids, escapes
+from tritonact import centroids, escapes, outliers
 from tritonact import reference as ref
 from tritonact.quant import interpreter_enabled, memory_order, resolve_backend, triton_available
 
@@ -53,9 +53,9 @@ class Backend:
     """What every backend provides. Subclasses override what they run differently."""
 
     name = ""
-    # Whether ``bn_act`` may write a join's output into its BN input ``y`` (``out is y``) and leave the activation
-    # to the caller (``activate=False``): the pre-activation sum is then what a recode of outliers reads, ``y``
-    # being gone (``tritonact.ops.bn_act``).
+    # Whether ``bn_act`` may write a join's output into its BN input ``y`` (``out is y``) and take
+    # ``activate=False``: where ``P`` flags outliers, ``out`` is left before the activation, since the recode of
+    # the outliers reads that sum, ``y`` being gone (``tritonact.ops.bn_act``).
     overwrites_input = False
 
     @staticmethod
@@ -73,7 +73,8 @@ class Backend:
         var)``), which the unit normalizes with instead of its own batch's. ``centroids``: the grids carry a centroid
         table measured from this batch (``tritonact.centroids``). ``edge``: where ``>= 0``, ``P``'s bins have edges
         at the output values ``±edge`` (``reference.code_params``; ``act == "none"`` only). ``activate=False``
-        (backends that declare ``overwrites_input``): ``out`` is left holding the pre-activation value."""
+        (backends that declare ``overwrites_input``): where ``P`` flags a channel (``outliers.flagged``), ``out``
+        is left holding the pre-activation value and the caller activates it."""
         raise NotImplementedError
 
     def bn_act_backward(
@@ -225,7 +226,7 @@ class TorchBackend(Backend):
         data, P, xdata, xP = self._codes(
             y, mean, invstd, gamma, beta, residual, out, bits, act, window, pf, store_xh, centroids, edge
         )
-        if activate:
+        if activate or not outliers.flagged(P):
             ref.activate_(out, act)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
@@ -375,13 +376,14 @@ class CompiledBackend(TorchBackend):
 @register_backend
 class TritonBackend(Backend):
     name = "triton"
+    overwrites_input = True  # the elementwise kernel reads each element of y before it writes it
 
     @staticmethod
     def available(device: torch.device) -> bool:
         return triton_available() and (device.type == "cuda" or interpreter_enabled())
 
     def bn_act(self, y, gamma, beta, residual, rm, rv, eaf, eps, *, bits, act, window, pf, store_xh, out=None,
-               stats=None, centroids=False, edge=-1.0):  # fmt: skip
+               stats=None, centroids=False, edge=-1.0, activate=True):  # fmt: skip
         from tritonact.kernels.bn_act import bn_act_forward, bn_stats_forward
 
         gamma, beta = gamma.detach().float(), beta.detach().float()
@@ -422,7 +424,8 @@ class TritonBackend(Backend):
             )
             if store_xh:
                 xP = ref.code_params(act="none", coded="xh", **xh_stats, **grid)
-        out, data, xdata = bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits, act, out)
+        activate = activate or not outliers.flagged(P)
+        out, data, xdata = bn_act_forward(y, residual, mean, invstd, gamma, beta, P, xP, bits, act, out, activate)
         return out, data, P, invstd, xdata, xP, new_rm, new_rv
 
     def bn_act_backward(

@@ -148,7 +148,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
             data, P, esc = outliers.recode(w, act=act, coded=coded, edge=edge, **grid)
         if xflag:
             xdata, xP, xesc = outliers.recode(xh, act="none", coded="xh", **grid)
-    if overwrite and not naive:
+    if overwrite and not naive and flag:  # (the backend left the sum for the recode)
         ref.activate_(out, act)
     return (
         out, data, P, invstd,
