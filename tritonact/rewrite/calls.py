@@ -156,11 +156,14 @@ class Unit(nn.Module):
 
 
 def _global_forward_hooks() -> bool:
-    """Whether forward hooks registered for every module (``nn.modules.module.register_module_forward_hook``) exist:
-    they see each convolution's output, which a join would then overwrite."""
+    """Whether a user's forward hook for every module (``nn.modules.module.register_module_forward_hook``) exists:
+    it sees each convolution's output, which a join would then overwrite. PyTorch's own tools register such hooks
+    too (MemTracker's and FlopCounterMode's module trackers) and keep no outputs: hooks defined in ``torch`` are
+    not counted."""
     from torch.nn.modules import module
 
-    return bool(getattr(module, "_global_forward_hooks", None))
+    hooks = getattr(module, "_global_forward_hooks", None) or {}
+    return any(not (getattr(h, "__module__", None) or "").startswith("torch.") for h in hooks.values())
 
 
 class CodedConv(nn.Module):
