@@ -182,7 +182,15 @@ def _hoist_residual_branches(graph: fx.Graph, modules) -> None:
 
     def user_module(n: fx.Node):
         m = modules[n.target]
-        return m.bn if isinstance(m, Unit) else m.conv if isinstance(m, CodedConv) else getattr(m, "pool", m)
+        return (
+            m.bn
+            if isinstance(m, Unit)
+            else m.conv
+            if isinstance(m, CodedConv)
+            else m.pool
+            if isinstance(m, CodedPool)
+            else m
+        )
 
     uses: dict[int, int] = {}
     for n in graph.nodes:
@@ -216,9 +224,9 @@ def _hoist_residual_branches(graph: fx.Graph, modules) -> None:
             continue
         at = start
         for n in sorted(branch, key=order.__getitem__):
-            if order[n] > order[at]:
+            if order[n] > order[at]:  # (a branch node already before ``start`` stays where it is)
                 at.append(n)
-            at = n
+                at = n
 
 
 def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
