@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 import torchvision
+from test_outliers import _Block
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -551,20 +552,6 @@ def test_a_module_called_twice_keeps_its_calls_order():
     assert gm.code.index("layer2_0_downsample_0(") < gm.code.index("layer2_0_conv1(")  # hoisted where unshared
 
 
-class _Join(nn.Module):
-    """conv-BN-ReLU, then a join (BN + add + ReLU) whose BN input is a conv output nothing else reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c3 = nn.Conv2d(8, 4, 3, padding=1)
-
-    def forward(self, x):
-        a = torch.relu(self.b1(self.c1(x)))
-        return self.c3(torch.relu(self.b2(self.c2(a)) + a)).mean((2, 3))
-
-
 @pytest.mark.parametrize("outlier", [False, True], ids=["clean", "outlier"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_join_overwrite_on_every_backend(backend, outlier, monkeypatch):
@@ -577,13 +564,13 @@ def test_join_overwrite_on_every_backend(backend, outlier, monkeypatch):
     if outlier:
         x[0, :, 5, 5] = 100.0
     torch.manual_seed(0)
-    model = _Join()
+    model = _Block()  # conv-BN-ReLU, then a join whose BN input is a conv output nothing else reads
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def run():
         with tritonact.approximate(model, bits=4, backend=backend, compile=False) as ctx:
             ((_, gm),) = ctx.report().graph_modules
-            out = model(x)
+            out = model(x).mean((2, 3))
             out.square().sum().backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters()}
         got.update({n: b.clone() for n, b in model.named_buffers()})
