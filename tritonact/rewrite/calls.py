@@ -160,9 +160,7 @@ def _global_forward_hooks() -> bool:
     it sees each convolution's output, which a join would then overwrite. PyTorch's own tools register such hooks
     too (MemTracker's and FlopCounterMode's module trackers) and keep no outputs: hooks defined in ``torch`` are
     not counted."""
-    from torch.nn.modules import module
-
-    hooks = getattr(module, "_global_forward_hooks", None) or {}
+    hooks = getattr(nn.modules.module, "_global_forward_hooks", None) or {}
     return any(not (getattr(h, "__module__", None) or "").startswith("torch.") for h in hooks.values())
 
 
