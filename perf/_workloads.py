@@ -102,7 +102,7 @@ def kernel_case(
     rm, rv = bn.running_mean, bn.running_var
     forward = lambda: be.bn_act(  # noqa: E731
         y, gamma, beta, None, rm, rv, 0.1, bn.eps, bits=bits, act="relu", window=cfg.effective_window,
-        pf=cfg.positive_fraction, store_xh=False,
+        pf=cfg.positive_fraction_for(y.numel() // C), store_xh=False,
     )  # fmt: skip
     if backend == "triton":
         from tritonact.kernels import bn_act as K

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
 
 import tritonact
 from tritonact import reference as ref
@@ -376,11 +377,13 @@ def test_activation_memory_ratio_resnet50():
     def make(n):
         return torch.randn(n, 3, 128, 128)
 
-    exact = activation_bytes_per_sample(model, make, (1, 2))
+    # batches 8 and 16: one regime at both (at 1 and 2, layer4's BNs get their first centroid tables in between,
+    # and the joins of layer3 and layer4 see few enough values per channel for a second code, JOIN_FEW_VALUES)
+    exact = activation_bytes_per_sample(model, make, (8, 16))
     ratios = {}
     for bits in (8, 4, 2):
-        with tritonact.approximate(model, bits=bits):
-            ratios[bits] = exact / activation_bytes_per_sample(model, make, (1, 2))
+        with tritonact.approximate(model, bits=bits, compile=False):
+            ratios[bits] = exact / activation_bytes_per_sample(model, make, (8, 16))
     assert ratios[8] >= 5 and ratios[4] >= 10 and ratios[2] >= 16, ratios
 
 
@@ -556,9 +559,10 @@ def test_join_codes_two_stores_the_bn_value_at_every_join_and_lowers_the_error()
 
 def test_join_codes_auto_adds_the_second_code_where_the_residual_stream_has_grown():
     """join_codes="auto": from the second training forward on, a join whose sum spreads beyond
-    JOIN_MAX_SPREAD times its BN value's window also codes the BN value. A ResNet with 12 blocks in layer3: the
+    JOIN_MAX_SPREAD times its BN value's window also codes the BN value. A ResNet with 12 blocks in layer3 (at
+    160x160, so that layer3 sees 400 values per channel, more than the default rule's JOIN_FEW_VALUES): the
     stream's spread grows with every identity join, so the deep joins get the second code (and the gradient error
-    drops); resnet18's joins stay below it (bit-identical gradients to join_codes=1)."""
+    drops); resnet18's joins stay below it (bit-identical gradients to the default, "few")."""
     import statistics
 
     from torchvision.models.resnet import Bottleneck, ResNet
@@ -580,15 +584,69 @@ def test_join_codes_auto_adds_the_second_code_where_the_residual_stream_has_grow
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     shallow = torchvision.models.resnet18(num_classes=10)
     g_auto, second = run(shallow, x, y, "auto")
-    g_one, _ = run(shallow, x, y, 1)
-    assert second == [] and all(torch.equal(g_auto[k], g_one[k]) for k in g_one)
+    g_few, _ = run(shallow, x, y, "few")
+    assert second == [] and all(torch.equal(g_auto[k], g_few[k]) for k in g_few)
 
     deep = ResNet(Bottleneck, [1, 1, 12, 1], num_classes=10)
+    x = torch.randn(4, 3, 160, 160)
     exact = fidelity.exact_run(deep, x, y)
     med = {}
-    for jc in (1, "auto"):
+    for jc in ("few", "auto"):
         grads, second = run(deep, x, y, jc)
         med[jc] = statistics.median(fidelity.rel_l2(grads[k], g) for k, g in exact.grads.items())
-        if jc == "auto":
-            assert second and all(name.startswith("layer3.") for name in second), second
-    assert med["auto"] < med[1] - 0.005, med
+        if jc == "auto":  # the deep joins of layer3 (at 160x160 layer1.0's, after its downsample BN, crosses too)
+            deep3 = [name for name in second if name.startswith("layer3.")]
+            assert len(deep3) >= 6 and len(second) - len(deep3) <= 1, second
+    assert med["auto"] < 0.97 * med["few"], med  # measured 0.0892 / 0.0931 (4 samples of 160x160)
+
+
+def test_default_join_codes_keep_a_second_code_where_a_join_sees_few_values():
+    """join_codes="few" (the default): a join whose BN sees at most JOIN_FEW_VALUES values per channel keeps its BN
+    value as a second code, decided per forward from the shape (resnet18 at 4 x 64x64: layer1 sees 1024 values per
+    channel, layer2 256, layer3 64, layer4 16), and the report marks it; with join_codes=1 none does. The error at
+    the spec's size (resnet50, 8 x 64x64, 4 bits) drops from 0.107 to 0.095 (docs/method.md section 3)."""
+    import statistics
+
+    from tritonact import fidelity
+    from tritonact.rewrite.plan import JOIN_FEW_VALUES
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(4, 3, 64, 64)
+    for jc in ("few", 1):
+        with tritonact.approximate(model, bits=4, compile=False, **({} if jc == "few" else {"join_codes": 1})) as ctx:
+            model(x)
+            report = ctx.report()
+        joins = {u.name: u.last_two_codes for u in report.units if u.has_residual}
+        side = {"layer1": 16, "layer2": 8, "layer3": 4, "layer4": 2}
+        want = {n: jc == "few" and 4 * side[n.split(".")[0]] ** 2 <= JOIN_FEW_VALUES for n in joins}
+        assert joins == want and len(joins) == 8, joins
+        assert ("(2 codes)" in str(report)) == (jc == "few")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    exact = fidelity.exact_run(model, x, y)
+    med = {jc: statistics.median(fidelity.grad_errors(model, x, y, bits=4, exact=exact, join_codes=jc).errors)
+           for jc in ("few", 1)}  # fmt: skip
+    assert med["few"] < med[1] - 0.008, med  # measured 0.0949 / 0.1073
+
+
+def test_positive_fraction_follows_the_values_per_channel():
+    """positive_fraction=None (the default): 4 of the 16 levels below the ReLU threshold where a BN sees fewer than
+    MANY_VALUES values per channel, 2 from there on; an explicit value applies everywhere."""
+    from tritonact.config import MANY_VALUES
+    from tritonact.reference import R
+
+    assert tritonact.ApproxConfig().positive_fraction_for(MANY_VALUES - 1) == 0.75
+    assert tritonact.ApproxConfig().positive_fraction_for(MANY_VALUES) == 0.875
+    assert tritonact.ApproxConfig(positive_fraction=0.75).positive_fraction_for(10**6) == 0.75
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), bn, nn.ReLU())
+    for n, side, kw, nneg in [(2, 8, {}, 2), (1, 8, {}, 4), (2, 8, {"positive_fraction": 0.75}, 4)]:
+        # 2 x 8 x 8 = 128 values per channel, 1 x 8 x 8 = 64
+        codes = []
+        with saved_tensors_hooks(lambda t: codes.append(t) or t, lambda t: t):
+            with tritonact.approximate(model, bits=4, compile=False, **kw):
+                model(torch.randn(n, 3, side, side))
+        grids = [t for t in codes if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == 3]
+        assert grids and all(g[R["nneg"]].tolist() == [nneg] * 3 for g in grids[:1]), (n, kw, grids)

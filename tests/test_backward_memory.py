@@ -163,7 +163,10 @@ def test_conv_weight_gradient_summed_over_sample_chunks(monkeypatch):
     conv = [n for n in grads[0] if "conv" in n and n != "conv1.weight"]
     assert any(not torch.equal(grads[0][n], grads[1][n]) for n in conv)  # the chunked path did run
     for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+        # a reordered fp32 sum differs by rounding that scales with the terms summed, i.e. with the gradient's
+        # largest elements, not with each element (measured: at most 5e-6 of the largest, layer1.0.conv1)
+        atol = 1e-5 * grads[0][n].abs().max().item()
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=atol)
 
 
 def _memtracker_backward_peak(fn):
@@ -480,7 +483,9 @@ def test_overwrite_and_hoisting_lower_the_forward_peak(overwrite, hoist, monkeyp
     model = torchvision.models.resnet50(num_classes=10)
     x = torch.randn(4, 3, 128, 128)
     size = 4 * 256 * 32 * 32 * 4  # layer1's output
-    with tritonact.approximate(model, bits=4, compile=False):
+    # one code per join: a join with a second code (here layer3's and layer4's under the default, JOIN_FEW_VALUES)
+    # does not write into its conv's output
+    with tritonact.approximate(model, bits=4, compile=False, join_codes=1):
         with _BackwardPeak(model) as mode:
             model(x)
     peak = mode.peak / size
@@ -597,7 +602,9 @@ def test_memtracker_s_own_module_hooks_keep_the_overwrite():
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    with tritonact.approximate(model, bits=4, compile=False):
+    # one code per join (under the default, layer2-4's joins see at most JOIN_FEW_VALUES values per channel here and
+    # keep a second code, made from the conv output: they do not overwrite it)
+    with tritonact.approximate(model, bits=4, compile=False, join_codes=1):
         with MemTracker(), _Ops() as mode:
             model(torch.randn(4, 3, 64, 64))
     assert mode.names.count("tritonact.bn_act_.default") == 8  # every join

@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
-__all__ = ["ApproxConfig", "DEFAULT_WINDOW", "DEFAULT_POSITIVE_FRACTION", "MIN_VALUES"]
+__all__ = ["ApproxConfig", "DEFAULT_WINDOW", "DEFAULT_POSITIVE_FRACTION", "MANY_VALUES", "MIN_VALUES"]
 
 # Half-width (in standard deviations of the coded value) of the window the code levels cover, per bit width;
 # values outside are clamped into the end bins (their ReLU mask stays exact). At 8 bits the observed min/max is
@@ -19,6 +19,14 @@ DEFAULT_WINDOW = {8: math.inf, 4: 3.5, 2: 2.0}
 # rest code the values below it (used only by the BN variance term). 0.75 won at every bit width (same sweep):
 # 12 + 4 levels at 4 bits, 3 + 1 at 2 bits, 192 + 64 at 8 bits.
 DEFAULT_POSITIVE_FRACTION = 0.75
+# ... where the BN sees fewer than MANY_VALUES values per channel (batch x height x width). With more, the levels
+# below the threshold are worth less than above it: at init the variance term's share of the BN's input gradient
+# falls like 1/sqrt(values), and the conv weight gradients read only the values above it. So from MANY_VALUES on,
+# 0.875 (14 + 2 levels at 4 bits). Measured (resnet50, 4 bits, 8 x 64x64, seeds 0-2, second codes at the joins with
+# at most JOIN_FEW_VALUES values): 0.75 everywhere 0.1009, 0.875 from 2048 values 0.1007, from 512 0.0962, from 128
+# 0.0945, everywhere 0.1081 (layer4's 32 values per channel need the levels below the threshold).
+MANY_VALUES = 128
+MANY_VALUES_POSITIVE_FRACTION = 0.875
 
 # A BN that sees fewer values than this per channel (batch x height x width) runs exactly (and the generic
 # path, tritonact.saved, keeps such tensors as they are): with so few values its
@@ -42,9 +50,11 @@ class ApproxConfig:
         window: half-width of the coded window in standard deviations; ``None`` picks ``DEFAULT_WINDOW[bits]``
             (``inf`` / 3.5 / 2.0 at 8 / 4 / 2 bits), ``math.inf`` uses the observed per-channel min/max.
         positive_fraction: share of code levels above the ReLU threshold, in ``(0.5 / 2**bits, 1)`` (at or below
-            the lower end no level would be left above the threshold); default
-            ``DEFAULT_POSITIVE_FRACTION`` (0.75). Where a channel has values on both sides of the threshold,
-            ``max(1, round(2**bits * (1 - positive_fraction)))`` levels code the values below it.
+            the lower end no level would be left above the threshold). ``None`` (default): per unit,
+            ``DEFAULT_POSITIVE_FRACTION`` (0.75) where its BN sees fewer than ``MANY_VALUES`` (128) values per
+            channel, 0.875 from there on (:meth:`positive_fraction_for`). Where a channel has values on both
+            sides of the threshold, ``max(1, round(2**bits * (1 - positive_fraction)))`` levels code the values
+            below it (at 2 bits always one).
         ring: keep full-precision activations in a ring of shared buffers (docs/memory.md). ``None`` (default)
             and ``False``: off. Its slots stay allocated between steps while the peak of a step is set in the
             backward pass, so the ring adds its slots to the peak (measured on CPU, docs/memory.md; not yet on a
@@ -57,15 +67,18 @@ class ApproxConfig:
             autograd saves inside the model in a training forward (SiLU, GELU, Hardswish inputs, squeeze-excitation
             operands, LayerNorm and Linear inputs, BatchNorms that are not units) is kept as a ``bits``-bit
             per-channel code. Default True. Eager forwards only (not inside ``torch.compile``).
-        join_codes: codes per residual join (BN + add + activation). ``1`` (default): the code of the sum, from
-            which the BN's normalized value is recovered for its variance term (and a second code only where some
+        join_codes: codes per residual join (BN + add + activation). ``1``: the code of the sum, from which the
+            BN's normalized value is recovered for its variance term (and a second code only where some
             ``|gamma|`` is below ``JOIN_MIN_GAMMA``); ``2``: every join also codes the BN's normalized value;
-            ``"auto"``: as ``1``, plus the second code at each join whose sum spreads so far beyond its BN's own
-            output that the recovery would cost more than ``JOIN_MAX_SPREAD`` times a direct code's error
-            (decided before every training forward from the previous one's grid; the residual stream grows with
-            depth). Measured at 4 bits (docs/method.md section 3): resnet152's conv gradient median error 0.197
-            (1) / 0.142 ("auto", 30 of 50 joins) / 0.128 (2); on resnet18 and resnet50 "auto" adds none at 4 and
-            8 bits, but most of resnet50's joins at 2 bits.
+            ``"few"`` (default): as ``1``, plus the second code at each join whose BN sees at most
+            ``JOIN_FEW_VALUES`` (256) values per channel (batch x height x width): there the variance term weighs
+            most, and the second code costs little. ``"auto"``: as ``"few"``, and at 4 and 8 bits also at each
+            join whose sum spreads so far beyond its BN's own output that the recovery would cost more than
+            ``JOIN_MAX_SPREAD`` times a direct code's error (decided before every training forward from the
+            previous one's grid, so the codes kept can change during training; the residual stream grows with
+            depth). Conv weight gradient median error at 4 bits, 8 x 64x64 at init (docs/method.md section 3):
+            resnet18 0.091 (``1``) / 0.083 (``"few"``) / 0.083 (``2``), resnet50 0.107 / 0.095 / 0.095, resnet152
+            0.142 / 0.104 / 0.104.
         decode: what a code decodes to in the backward pass. ``"centroid"``: the mean of the values that produced
             it, measured per channel and code during the forward (``tritonact.centroids``; a table of
             ``4 * 2**bits`` bytes per channel); ``"midpoint"``: the middle of its bin; ``"auto"`` (default):
@@ -79,11 +92,11 @@ class ApproxConfig:
     naive: bool = False
     backend: str | None = None
     window: float | None = None
-    positive_fraction: float = DEFAULT_POSITIVE_FRACTION
+    positive_fraction: float | None = None
     ring: bool | None = None
     compile: bool | None = None
     generic: bool = True
-    join_codes: int | str = 1
+    join_codes: int | str = "few"
     decode: str = "auto"
 
     def __post_init__(self):
@@ -97,9 +110,9 @@ class ApproxConfig:
             if isinstance(self.window, bool) or not isinstance(self.window, (int, float)) or not self.window > 0:
                 raise ValueError(f"window must be a positive number of standard deviations, got {self.window!r}")
         pf = self.positive_fraction
-        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 < pf < 1:
-            raise ValueError(f"positive_fraction must be in (0, 1), got {pf!r}")
-        if isinstance(self.bits, int) and round((1 << self.bits) * (1 - pf)) >= (1 << self.bits):
+        if pf is not None and (isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 < pf < 1):
+            raise ValueError(f"positive_fraction must be in (0, 1) or None, got {pf!r}")
+        if pf is not None and round((1 << self.bits) * (1 - pf)) >= (1 << self.bits):
             # every level would code values below the ReLU threshold: no positive bin, an all-zero mask, and every
             # gradient through a unit exactly 0
             raise ValueError(
@@ -112,10 +125,16 @@ class ApproxConfig:
             raise TypeError(f"compile must be True, False or None, got {self.compile!r}")
         if not isinstance(self.generic, bool):
             raise TypeError(f"generic must be True or False, got {self.generic!r}")
-        if isinstance(self.join_codes, bool) or self.join_codes not in (1, 2, "auto"):
-            raise ValueError(f"join_codes must be 1, 2 or 'auto', got {self.join_codes!r}")
+        if isinstance(self.join_codes, bool) or self.join_codes not in (1, 2, "few", "auto"):
+            raise ValueError(f"join_codes must be 1, 2, 'few' or 'auto', got {self.join_codes!r}")
         if self.decode not in ("auto", "centroid", "midpoint"):
             raise ValueError(f"decode must be 'auto', 'centroid' or 'midpoint', got {self.decode!r}")
+
+    def positive_fraction_for(self, values: int) -> float:
+        """The positive fraction of a unit whose BN sees ``values`` values per channel."""
+        if self.positive_fraction is not None:
+            return float(self.positive_fraction)
+        return MANY_VALUES_POSITIVE_FRACTION if values >= MANY_VALUES else DEFAULT_POSITIVE_FRACTION
 
     def centroids(self, bits: int) -> bool:
         """Whether codes of ``bits`` bits carry a centroid table under this config's ``decode``."""

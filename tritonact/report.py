@@ -69,7 +69,7 @@ class ApproxReport:
             )
         lines.append(f"{'unit':<40} {'covers':<48} {'codes MiB':>9}")
         for u in self.units:
-            join = (" (2 codes)" if u.store_xh else "") + (f" ({u.bits} bits)" if u.bits else "")
+            join = (" (2 codes)" if u.store_xh or u.last_two_codes else "") + (f" ({u.bits} bits)" if u.bits else "")
             lines.append(f"{u.name:<40} {' + '.join(u.covers) + join:<48} {u.last_code_bytes / 2**20:>9.3f}")
         planned = any(r.ring_plan is not None for _, r in self.rewritten)
         if planned and not self.ring_on:

@@ -20,7 +20,7 @@ from tritonact.ops.bn_act import BNActFn, direct
 from tritonact.ops.coded import ConvFn, MaxPoolFn
 from tritonact.ops.fork import conv_fork, fork
 from tritonact.quant import memory_order
-from tritonact.rewrite.plan import UnitSpec, pair
+from tritonact.rewrite.plan import JOIN_FEW_VALUES, UnitSpec, pair
 
 __all__ = ["Code", "Unit", "CodedConv", "CodedPool", "MIN_VALUES"]
 
@@ -47,9 +47,7 @@ class Unit(nn.Module):
         self.bn = spec.bn
         self.spec = spec
         self.config = config
-        self.bits, self.window, self.pf, self.naive = (
-            config.bits, config.effective_window, config.positive_fraction, config.naive,
-        )  # fmt: skip
+        self.bits, self.window, self.naive = config.bits, config.effective_window, config.naive
         self.ring, self.slot, self.use_ring = ring, slot, config.ring
 
     def forward(self, y, residual=None, res_code: Code | None = None, overwrite: bool = False):
@@ -95,12 +93,13 @@ class Unit(nn.Module):
             res_esc = res_code.esc
         else:
             rc, res_esc = (None, None, None, [], [], [], "none"), None
-        store_xh = spec.store_xh and residual is not None
+        values = y.numel() // C
+        store_xh = residual is not None and (spec.store_xh or (spec.few_codes and values <= JOIN_FEW_VALUES))
         bits = spec.bits or self.bits
         window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
-            self.pf, store_xh, self.naive, backend, group,
+            self.config.positive_fraction_for(values), store_xh, self.naive, backend, group,
             self.config.centroids(bits) and y.numel() >= (2 << bits) * C,  # a table only for 2 values per code or more
             spec.edge, res_esc,
         )  # fmt: skip
@@ -126,7 +125,8 @@ class Unit(nn.Module):
         if not torch.compiler.is_compiling():
             spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes + esc.nbytes + xesc.nbytes
             spec.last_full_bytes = y.numel() * y.element_size()
-            if spec.auto_codes and residual is not None:
+            spec.last_two_codes = store_xh
+            if spec.spread_codes and residual is not None:
                 spec.last_P = P.detach()  # the sum's grid, for the next forward's decide_joins
         code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [], esc)
         saved.offer(out, code, backend)

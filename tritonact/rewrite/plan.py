@@ -34,6 +34,14 @@ JOIN_MIN_GAMMA = 0.05
 # 41, 0.140; all 50: 0.128. resnet18 and resnet50 at init stay below 1.32x everywhere at 4 and 8 bits (no second
 # code); at 2 bits (window 2) most of resnet50's joins are above it.
 JOIN_MAX_SPREAD = 1.4
+# With join_codes "few" (the default) and "auto", at every width, a join whose BN sees at most this many values per channel (batch x height
+# x width) stores the second code too: at init the variance term's share of the BN's input gradient falls like
+# 1/sqrt(values), so it weighs most there, and the second code of so few values costs little. Measured (4 bits,
+# 8 x 64x64, seeds 0-2; layer3 sees 128 values per channel, layer4 32): second codes at layer4's joins / layer3's and
+# layer4's / every join: resnet50 0.1068 -> 0.1020 / 0.1009 / 0.1007 (layer1's and layer2's, 2048 and 512 values, change
+# nothing); resnet152 0.1483 -> 0.1453 / 0.0986 / 0.0986. At 128x128 (layer3 512 values) resnet50's layer3 joins
+# gain 0.0014 only, resnet152's 0.020 (its sum spreads: join_codes="auto" takes those).
+JOIN_FEW_VALUES = 256
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -143,7 +151,9 @@ class UnitSpec:
     backend: str = "torch"  # the backend it was converted for (tritonact.backends)
     store_xh: bool = False  # residual join whose BN value is stored as a second code (some |gamma| ~ 0 now)
     two_codes: bool = False  # a residual join that always stores the second code (ApproxConfig.join_codes=2)
-    auto_codes: bool = False  # a residual join that decides it from its sum's spread (join_codes="auto")
+    few_codes: bool = False  # a join that stores it where it sees few values per channel (join_codes "few", "auto")
+    spread_codes: bool = False  # ... or where its sum spread in the last forward (join_codes="auto", 4 and 8 bits)
+    last_two_codes: bool = field(default=False, repr=False)  # whether the last eager training forward stored xh
     xh_extent: float = 8.0  # the window a code of its BN value would span, in standard deviations
     last_P: torch.Tensor | None = field(default=None, repr=False)  # the sum's grid in the last training forward
     bits: int | None = None  # its code width where it differs from the context's (see make_plan)
@@ -156,7 +166,7 @@ class UnitSpec:
 
 def decide_joins(specs: list) -> None:
     """Set ``store_xh`` of every residual-join unit in ``specs``: always with ``two_codes``; else where some
-    ``|gamma|`` is below ``JOIN_MIN_GAMMA``, or (``auto_codes``) where the last forward's sum grid divided by
+    ``|gamma|`` is below ``JOIN_MIN_GAMMA``, or (``spread_codes``) where the last forward's sum grid divided by
     ``|gamma|`` spans more than ``JOIN_MAX_SPREAD`` times ``xh_extent`` (median over channels). A few small
     reductions per join and one host read for all of them."""
     for s in specs:
@@ -170,7 +180,7 @@ def decide_joins(specs: list) -> None:
         flags = torch.stack([g.amin() for g in gammas]) < JOIN_MIN_GAMMA
         auto = [
             i for i, (s, g) in enumerate(zip(joins, gammas))
-            if s.auto_codes and s.last_P is not None and s.last_P.shape[1] == g.shape[0]
+            if s.spread_codes and s.last_P is not None and s.last_P.shape[1] == g.shape[0]
         ]  # fmt: skip
         if auto:
             wide = torch.stack(
@@ -286,7 +296,8 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
                 has_residual=residual is not None,
                 backend=backend,
                 two_codes=residual is not None and cfg.join_codes == 2,
-                auto_codes=residual is not None and cfg.join_codes == "auto",
+                few_codes=residual is not None and cfg.join_codes in ("few", "auto"),
+                spread_codes=residual is not None and cfg.join_codes == "auto",
                 covers=tuple(covers),
                 post=post,
             )
@@ -332,6 +343,9 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
         bits = spec.bits or cfg.bits
         window = cfg.effective_window if bits == cfg.bits else DEFAULT_WINDOW[bits]
         spec.xh_extent = 2 * min(window, 4.0)  # a standardized value's grid spans at most about +-4 (8 bits: min/max)
+        # (at 2 bits the sum's grid must reach the threshold while a BN value's spans +-2: the rule would take most
+        # joins of resnet50, docs/method.md section 3)
+        spec.spread_codes = spec.spread_codes and bits > 2
     decide_joins([spec for spec, _, _ in plan.units.values()])
     return plan
 
