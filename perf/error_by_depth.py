@@ -1,7 +1,7 @@
 """Conv weight gradient error by model and depth, per ``join_codes`` setting (docs/method.md section 3).
 
     python perf/error_by_depth.py [--models resnet18 resnet50 resnet152] [--bits 4] [--batch 8] [--res 64]
-        [--seeds 0 1 2] [--settings 1 auto 2] [--threads 2]
+        [--seeds 0 1 2] [--settings 1 few auto 2] [--threads 2]
 
 For each torchvision model at init (10 classes, one model and batch per seed), one approximate training step
 against exact (``tritonact.fidelity``); the conv weight gradient relative L2 error, median over all convolutions
@@ -31,7 +31,7 @@ def _twice(step):
 
 def errors(model, x, t, exact, bits, setting):
     """``GradErrors`` of the second of two steps inside one context (``join_codes=setting``)."""
-    join_codes = setting if setting == "auto" else int(setting)
+    join_codes = int(setting) if setting.isdigit() else setting
     step = fidelity._step
     fidelity._step = _twice(step)
     try:
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--settings", nargs="+", default=["1", "auto", "2"])
+    ap.add_argument("--settings", nargs="+", default=["1", "few", "auto", "2"])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
