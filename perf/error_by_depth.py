@@ -13,6 +13,7 @@ Rows: mean over seeds.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
                 exact = fidelity.exact_run(model, x, t)
                 for s in args.settings:
                     errs = errors(model, x, t, exact, bits, s)
-                    per = {g: statistics.median([e for n, _, e in errs if stage(n) == g] or [float("nan")]) for g in stages}
+                    per = {g: statistics.median([e for n, _, e in errs if stage(n) == g] or [math.nan]) for g in stages}
                     rows[s].append((statistics.median(errs.errors), max(errs.errors), per))
             for s, runs in rows.items():
                 med = statistics.mean(r[0] for r in runs)

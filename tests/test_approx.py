@@ -645,7 +645,7 @@ def test_positive_fraction_follows_the_values_per_channel():
     for n, side, kw, nneg in [(2, 8, {}, 2), (1, 8, {}, 4), (2, 8, {"positive_fraction": 0.75}, 4)]:
         # 2 x 8 x 8 = 128 values per channel, 1 x 8 x 8 = 64
         codes = []
-        with saved_tensors_hooks(lambda t: codes.append(t) or t, lambda t: t):
+        with saved_tensors_hooks(codes.append, lambda t: t):
             with tritonact.approximate(model, bits=4, compile=False, **kw):
                 model(torch.randn(n, 3, side, side))
         grids = [t for t in codes if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == 3]

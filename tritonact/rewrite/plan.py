@@ -34,13 +34,14 @@ JOIN_MIN_GAMMA = 0.05
 # 41, 0.140; all 50: 0.128. resnet18 and resnet50 at init stay below 1.32x everywhere at 4 and 8 bits (no second
 # code); at 2 bits (window 2) most of resnet50's joins are above it.
 JOIN_MAX_SPREAD = 1.4
-# With join_codes "few" (the default) and "auto", at every width, a join whose BN sees at most this many values per channel (batch x height
-# x width) stores the second code too: at init the variance term's share of the BN's input gradient falls like
-# 1/sqrt(values), so it weighs most there, and the second code of so few values costs little. Measured (4 bits,
-# 8 x 64x64, seeds 0-2; layer3 sees 128 values per channel, layer4 32): second codes at layer4's joins / layer3's and
-# layer4's / every join: resnet50 0.1068 -> 0.1020 / 0.1009 / 0.1007 (layer1's and layer2's, 2048 and 512 values, change
-# nothing); resnet152 0.1483 -> 0.1453 / 0.0986 / 0.0986. At 128x128 (layer3 512 values) resnet50's layer3 joins
-# gain 0.0014 only, resnet152's 0.020 (its sum spreads: join_codes="auto" takes those).
+# With join_codes "few" (the default) and "auto", at every width, a join whose BN sees at most this many values per
+# channel (batch x height x width) stores the second code too: at init the variance term's share of the BN's input
+# gradient falls like 1/sqrt(values), so it weighs most there, and the second code of so few values costs little.
+# Measured (4 bits, 8 x 64x64, seeds 0-2; layer3 sees 128 values per channel, layer4 32): second codes at layer4's
+# joins / layer3's and layer4's / every join: resnet50 0.1068 -> 0.1020 / 0.1009 / 0.1007 (layer1's and layer2's,
+# 2048 and 512 values, change nothing); resnet152 0.1483 -> 0.1453 / 0.0986 / 0.0986. At 128x128 (layer3 512
+# values) resnet50's layer3 joins gain 0.0014 only, resnet152's 0.020 (its sum spreads: join_codes="auto" takes
+# those).
 JOIN_FEW_VALUES = 256
 
 
