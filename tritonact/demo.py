@@ -302,8 +302,11 @@ def run_mode(mode: str, data, args, bar) -> dict:
         accuracy = _accuracy(model, x_te, y_te)
         # memory of the trained model in this mode (after the accuracy: the measured step moves the weights)
         xb, yb = x_tr[: args.batch_size].clone(), y_tr[: args.batch_size].clone()  # own storage: "other" = batch
+        # at the training batch size (between half of it and it): the codes a join keeps depend on the values per
+        # channel (ApproxConfig.join_codes), so a tiny batch's bytes are not training's
+        half = max(1, args.batch_size // 2)
         per_sample = activation_bytes_per_sample(
-            model, lambda k: x_tr[torch.arange(k, device=dev) % n], batch_sizes=(2, 4)
+            model, lambda k: x_tr[torch.arange(k, device=dev) % n], batch_sizes=(half, max(args.batch_size, half + 1))
         )
         peak = peak_memory(model, xb, yb, optimizer=opt)
 
