@@ -70,9 +70,9 @@ def make(shape, dtype, cl, device, seed=0, residual=False):
     return y, r, gamma.to(device), beta.to(device)
 
 
-def make_spec(C, act, join, bits, device, momentum=0.1, track=True, edge=-1.0):
+def make_spec(C, act, join, bits, device, momentum=0.1, track=True, edge=-1.0, pf=None):
     bn = nn.BatchNorm2d(C, momentum=momentum, track_running_stats=track).to(device)
-    return SimpleNamespace(bn=bn, act=act, bits=bits, store_xh=join == "sum+xh", edge=edge)
+    return SimpleNamespace(bn=bn, act=act, bits=bits, store_xh=join == "sum+xh", edge=edge, pf=pf)
 
 
 def unit_forward(spec, backend, y, gamma, beta, r, out=None):
@@ -87,7 +87,8 @@ def unit_forward(spec, backend, y, gamma, beta, r, out=None):
         eaf = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     out, data, P, invstd, xdata, xP, new_rm, new_rv = backends.get(backend).bn_act(
         y, gamma, beta, r, rm, rv, eaf, bn.eps, bits=spec.bits, act=spec.act, window=cfg.effective_window,
-        pf=cfg.positive_fraction, store_xh=spec.store_xh, out=out, edge=spec.edge,
+        pf=spec.pf if spec.pf is not None else cfg.positive_fraction_for(y.numel() // max(y.shape[1], 1)),
+        store_xh=spec.store_xh, out=out, edge=spec.edge,
     )  # fmt: skip
     if rm is not None:
         rm.copy_(new_rm)
@@ -115,10 +116,10 @@ def exact(a, b):
 # forward
 
 
-def run_forward(case, act, join, bits, device, seed=0, edge=-1.0):
+def run_forward(case, act, join, bits, device, seed=0, edge=-1.0, pf=None):
     shape, dtype, cl, rtol, atol = case
     y, r, gamma, beta = make(shape, dtype, cl, device, seed, residual=join != "bn")
-    spec = make_spec(shape[1], act, join, bits, device, edge=edge)
+    spec = make_spec(shape[1], act, join, bits, device, edge=edge, pf=pf)
     twin = copy.deepcopy(spec)  # its own BatchNorm2d, for the running statistics
     with torch.no_grad():
         got = unit_forward(spec, "triton", y, gamma, beta, r)
@@ -126,9 +127,9 @@ def run_forward(case, act, join, bits, device, seed=0, edge=-1.0):
     return y, r, gamma, beta, spec, twin, got, want
 
 
-def check_forward(case, act, join, bits, device, edge=-1.0):
+def check_forward(case, act, join, bits, device, edge=-1.0, pf=None):
     shape, dtype, cl, rtol, atol = case
-    y, r, gamma, beta, spec, twin, got, want = run_forward(case, act, join, bits, device, edge=edge)
+    y, r, gamma, beta, spec, twin, got, want = run_forward(case, act, join, bits, device, edge=edge, pf=pf)
     out, data, P, invstd, extra = got
     out_t, data_t, P_t, invstd_t, extra_t = want
     assert out.dtype == y.dtype and out.stride() == y.stride()  # memory format kept, no hidden copy
@@ -156,6 +157,18 @@ def check_forward(case, act, join, bits, device, edge=-1.0):
 def test_forward_every_bits_and_act(bits, act, join, poison_empty):
     need("cpu")
     check_forward(CASES[0], act, join, bits, "cpu")
+
+
+@pytest.mark.parametrize("join", JOINS)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_forward_with_many_values_fraction(bits, join, poison_empty):
+    """The positive fraction units with many values per channel use (0.875, ApproxConfig.positive_fraction_for):
+    2 of 16 levels below the threshold at 4 bits; the kernel's grid and codes match the reference's."""
+    need("cpu")
+    check_forward(CASES[1], "relu", join, bits, "cpu", pf=0.875)
+    P = run_forward(CASES[1], "relu", join, bits, "cpu", pf=0.875)[6][2]
+    mixed = (P[ref.R["nneg"]] > 0) & (P[ref.R["nneg"]] < (1 << bits))  # channels with values on both sides
+    assert mixed.any() and (P[ref.R["nneg"]][mixed] == round((1 << bits) * 0.125)).all()
 
 
 @pytest.mark.parametrize("edge", [3.0, 0.0])
