@@ -100,7 +100,7 @@ class Unit(nn.Module):
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
             self.config.positive_fraction_for(values), store_xh, self.naive, backend, group,
-            self.config.centroids(bits) and y.numel() >= (2 << bits) * C,  # a table only for 2 values per code or more
+            self.config.centroids(bits) and values >= (2 << bits),  # a table only for 2 values per code or more
             spec.edge, res_esc,
         )  # fmt: skip
         into_y = (
