@@ -466,3 +466,26 @@ def test_decode_from_words_and_from_bytes_match_eager(bits, shape):
     eager = ref.unit_backward_ref(grad, data, P, bits, shape, perm, "relu", gamma, beta, invstd)
     for c, e in zip(out[:3], eager[:3]):  # (see test_unit_codes_decode_and_backward_match_eager)
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,act,cent,channels_last", [(4, "relu", True, False), (2, "none", False, True)])
+def test_outlier_recode_with_the_compiled_encoder_matches_the_reference(bits, act, cent, channels_last):
+    """An outlier recode's last step (codes under its robust grid, and the centroid table over every sample with
+    the escaped values left out) compiled: the same bytes, grid and escapes as the reference's."""
+    from tritonact import backends, outliers
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 16, 16, 16, generator=g)  # (256 values per channel and sample: more samples than the
+    w = w.relu() if act == "relu" else w  # forward's centroid statistics read, centroids.sample_limit)
+    w[0, :, 2, 3] = 60.0  # every channel flagged: the bulk on a robust grid, these escaped
+    w[5, 3, 1, 1] = -45.0
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    kw = dict(bits=bits, act=act, coded="sum", gamma=torch.ones(16), beta=torch.zeros(16), window=3.5, pf=0.75,
+              cent=cent)  # fmt: skip
+    data, P, esc = outliers.recode(w, **kw)
+    cdata, cP, cesc = outliers.recode(w, encode=backends.get("compiled").encode, **kw)
+    assert esc.shape[0] >= 16 and torch.equal(cesc, esc)
+    assert torch.equal(cP, P) and torch.equal(cdata, data)
+    if cent:  # the table was measured (not left at its initial 0.5 offsets)
+        assert not torch.all(P[ref.PARAM_ROWS :] == 0.5)

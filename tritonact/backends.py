@@ -91,6 +91,11 @@ class Backend:
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode(self, w, P, bits, act) -> torch.Tensor:
+        """The packed codes of ``w`` (fp32, dense in its memory order) under ``P``, whose centroid table (if it has
+        one) is measured over every sample, NaN values left out: ``outliers.encode_ref``'s (the recode's last step)."""
+        return outliers.encode_ref(w, P, bits, act)
+
     def pool_index(self, direction, t, in_shape, kernel, stride, padding, dilation) -> torch.Tensor:
         f = ref.local_index if direction == "local" else ref.global_index
         return f(t, in_shape, kernel, stride, padding, dilation)
@@ -352,6 +357,12 @@ class CompiledBackend(TorchBackend):
             g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
         )
 
+    def encode(self, w, P, bits, act):
+        from tritonact import compiled
+
+        data = compiled.encode(w, P, bits=bits, act=act, perm=memory_order(w))
+        return super().encode(w, P, bits, act) if data is None else data
+
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
         from tritonact import compiled
 
@@ -401,27 +412,15 @@ class TritonBackend(Backend):
             new_rv = (eaf * (var64 * (n / max(n - 1, 1))) + (1.0 - eaf) * rv.double()).to(rv.dtype)
         grid = dict(bits=bits, gamma=gamma, beta=beta, window=window, positive_fraction=pf, centroids=centroids)
         # min/max of xh from those of y: (y - mean) * invstd is monotone in y, also after fp32 rounding
-        xh_stats = dict(
-            wmin=(ymin - mean) * invstd,
-            wmax=(ymax - mean) * invstd,
-            wmean=torch.zeros_like(mean),
-            wstd=torch.ones_like(mean),
-        )
+        xh_stats = dict(wmin=(ymin - mean) * invstd, wmax=(ymax - mean) * invstd, wmean=torch.zeros_like(mean),
+                        wstd=torch.ones_like(mean))  # fmt: skip
         xP = None
         if residual is None:
             P = ref.code_params(act=act, coded="xh", edge=edge, **xh_stats, **grid)
         else:
             smean, svar, smin, smax = bn_stats_forward(y, residual, mean, invstd, gamma, beta)
-            P = ref.code_params(
-                act=act,
-                coded="sum",
-                wmin=smin,
-                wmax=smax,
-                wmean=smean.float(),
-                wstd=svar.sqrt().float(),
-                edge=edge,
-                **grid,
-            )
+            P = ref.code_params(act=act, coded="sum", wmin=smin, wmax=smax, wmean=smean.float(),
+                                wstd=svar.sqrt().float(), edge=edge, **grid)  # fmt: skip
             if store_xh:
                 xP = ref.code_params(act="none", coded="xh", **xh_stats, **grid)
         activate = activate or not outliers.flagged(P)

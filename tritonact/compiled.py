@@ -36,7 +36,7 @@ from tritonact.compiled_bodies import _MAKERS, _encode3, _pv, by_channel  # noqa
 from tritonact.graphs import Graphs
 from tritonact.quant import _inverse
 
-__all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "decode_act", "unit_backward", "pool_index"]
+__all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "encode", "decode_act", "unit_backward", "pool_index"]
 
 _R = ref.R
 _CODES_PER_WORD = {8: 1, 4: 8, 2: 4}  # codes per packing word (see ``_pack``): a code count must be a multiple
@@ -145,15 +145,31 @@ def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False,
     return out
 
 
-def _measure(P, x, perm, bits, coded, act, mean, invstd):
+def encode(w, P, *, bits, act, perm):
+    """``Backend.encode`` compiled: the codes of ``w`` (fp32, dense in ``perm``) under ``P`` and its centroid table
+    (if it has one) from every sample, NaN values left out; equal to ``outliers.encode_ref``'s."""
+    v3 = layout3(tuple(w.shape), perm, bits)
+    if v3 is None:
+        return None
+    key = (bits, act == "relu6", _rows_kind(v3, bits), *_cls(v3, w))
+    data = _call("encode", key, view3(w, perm, v3), P[: ref.PARAM_ROWS])  # (the table's rows: measured below)
+    if data is None:
+        return None
+    if _has_table(P):
+        _measure(P, w, perm, bits, "sum", act, P[0], P[0], samples=w.shape[0])
+    return data if data.dtype == torch.uint8 else data.view(torch.uint8).reshape(-1)
+
+
+def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):
     """Fill the centroid table of ``P`` from ``x``'s first samples (``tritonact.centroids``): a compiled graph gives
     each element's bin and fixed-point offset a few samples at a time, ``torch.bincount`` sums them and counts them
     (integers in float64: exact in any order, so the table equals the reference's). In channel-major bins a weighted
     and a plain ``bincount`` take 3.2 ns a value on one thread, two ``index_add_`` 5.7 (same run; (16, 1024, 64)
-    values at 4 bits); in code-major bins the graph and the ``bincount``s took 13.4 ns."""
+    values at 4 bits); in code-major bins the graph and the ``bincount``s took 13.4 ns. ``samples``: how many
+    leading samples (default ``centroids.sample_limit``'s)."""
     C, L = x.shape[1], 1 << bits
     acc = torch.zeros(2, L * C + 1, dtype=torch.float64, device=x.device)  # + one bin for the excluded values
-    S = centroids.sample_limit(tuple(x.shape), perm, bits)
+    S = centroids.sample_limit(tuple(x.shape), perm, bits) if samples is None else samples
     pos = perm.index(1)
     inner = math.prod(x.shape[d] for d in perm[pos + 1 :])
     for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):

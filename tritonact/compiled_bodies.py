@@ -234,6 +234,13 @@ def _make_forward_sum(bits, act, window, pf, rows, cent, edge, *_cls):
     return forward_sum
 
 
+def _make_encode(bits, relu6, rows, *_cls):
+    def encode(w3, P):  # the codes under a given grid (an outlier recode's, tritonact.outliers)
+        return _encode3(w3, P, bits, relu6, rows)
+
+    return encode
+
+
 def _decoded_act(d, P, bits, act, v3, table=False):
     """A unit's output decoded from its code (fp32, shape ``v3``): ``reference.decode_act_ref``'s formula."""
     v, _ = _decode3(d, P, bits, act, v3, table)
@@ -298,6 +305,7 @@ _MAKERS = {
     "forward_sum": _make_forward_sum,
     "decode_act": _make_decode_act,
     "centroid_stats": _make_centroid_stats,
+    "encode": _make_encode,
     "backward": _make_backward,
     "pool_index": _make_pool_index,
 }

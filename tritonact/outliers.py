@@ -36,7 +36,8 @@ from tritonact import centroids, escapes
 from tritonact import reference as ref
 from tritonact.quant import memory_order
 
-__all__ = ["THRESHOLD", "GENERIC_THRESHOLD", "CLIP", "ROUNDS", "ESCAPE", "CAP", "flagged", "far", "recode"]
+__all__ = ["THRESHOLD", "GENERIC_THRESHOLD", "CLIP", "ROUNDS", "ESCAPE", "CAP", "flagged", "far", "encode_ref",
+           "recode"]  # fmt: skip
 
 THRESHOLD = ref.OUTLIER_SIGMAS  # a channel is flagged beyond this many standard deviations from its mean
 CLIP = 4.0  # robust statistics over the values within this many standard deviations of the last estimate,
@@ -54,36 +55,40 @@ def flagged(P: torch.Tensor | None) -> bool:
 
 def far(w: torch.Tensor, sigmas: float = GENERIC_THRESHOLD) -> bool:
     """Whether some channel of ``w`` has a value more than ``sigmas`` standard deviations from its mean."""
-    dims = ref.channel_dims(w)
-    var, mean = torch.var_mean(w, dim=dims, unbiased=False)
-    reach = torch.maximum(w.amax(dim=dims) - mean, mean - w.amin(dim=dims))
-    return bool((reach > sigmas * var.sqrt()).any())
+    wmin, wmax, mean, std = ref.value_stats(w, "sum")
+    return bool((torch.maximum(wmax - mean, mean - wmin) > sigmas * std).any())
 
 
 def _robust(w: torch.Tensor, dims, mean: torch.Tensor, std: torch.Tensor):
-    for _ in range(ROUNDS):
-        keep = ((w - ref.bview(mean, w)).abs() <= ref.bview(CLIP * std, w)).float()
+    for _ in range(ROUNDS):  # (in place where it can be: each pass is a full-size tensor)
+        keep = (w - ref.bview(mean, w)).abs_().le_(ref.bview(CLIP * std, w))  # 0/1 in w's dtype
         n = keep.sum(dim=dims).clamp(min=1.0)
         m = (w * keep).sum(dim=dims) / n
-        var = (((w - ref.bview(m, w)) ** 2) * keep).sum(dim=dims) / n
+        var = (w - ref.bview(m, w)).square_().mul_(keep).sum(dim=dims) / n
         mean, std = m, var.sqrt().clamp(min=1e-12)
     return mean, std
 
 
+def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str) -> torch.Tensor:
+    """The packed codes of ``w`` under ``P``, whose centroid table (if it has one) is measured over every sample of
+    ``w``; a NaN value is code 0 and has no share in it (``Backend.encode``'s contract, the reference)."""
+    cent = centroids.has_table(P, ref.PARAM_ROWS)
+    acc = centroids.new_acc(bits, w.shape[1], w.device) if cent else None
+    data = ref.encode_ref(w, P, bits, act, acc, None)
+    if cent:
+        centroids.finish_(P, acc, ref.PARAM_ROWS)
+    return data
+
+
 def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, window: float, pf, cent: bool,
-           edge: float = -1.0):  # fmt: skip
+           edge: float = -1.0, encode=encode_ref):  # fmt: skip
     """``(data, P, esc)``: the code of ``w`` (fp32, dense in its memory order, channels at dim 1) on robust
     per-channel statistics, with the values outside the window escaped (see the module docstring); every channel,
     as an outlier sample leaves channels its values do not flag inflated too. ``coded``, ``gamma``, ``beta``,
     ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid table (measured over every
-    sample)."""
+    sample); ``encode``: the last step, :func:`encode_ref` or a backend's ``encode``."""
     dims = ref.channel_dims(w)
-    wmin, wmax = w.amin(dim=dims), w.amax(dim=dims)
-    if coded == "xh":
-        mean, std = torch.zeros_like(wmin), torch.ones_like(wmin)
-    else:
-        var, mean = torch.var_mean(w, dim=dims, unbiased=False)
-        std = var.sqrt()
+    wmin, wmax, mean, std = ref.value_stats(w, coded)
     mean, std = _robust(w, dims, mean, std)
     half = window * std if not math.isinf(window) else torch.full_like(std, math.inf)
     lo, hi = torch.maximum(wmin, mean - half), torch.minimum(wmax, mean + half)
@@ -104,9 +109,6 @@ def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, win
     P[ref.R["out"]] = 0.0
     w_enc = w.clone()
     w_enc.permute(perm).reshape(-1)[idx] = math.nan  # code 0, and no share in the centroid statistics
-    acc = centroids.new_acc(bits, w.shape[1], w.device) if cent else None
-    data = ref.encode_ref(w_enc, P, bits, act, acc, None)
-    if cent:
-        centroids.finish_(P, acc, ref.PARAM_ROWS)
+    data = encode(w_enc, P, bits, act)
     esc = torch.stack([idx.double(), vals.double()], dim=1)
     return data, P, esc
