@@ -182,3 +182,16 @@ def test_memory_table_reports_slopes_by_mode(capsys):
     assert [r.split("|")[1].strip() for r in rows[2:4]] == ["4", "8"], rows
     ratio = rows[-1].split("|")
     assert ratio[1].strip() == "exact / mode" and ratio[2].strip() == "1.00x" and float(ratio[3].strip()[:-1]) > 2
+
+
+def test_gradient_coherence_is_sqrt_n_for_equal_samples_and_lower_for_different_ones():
+    """perf/error_after_training.py's ``R = |sum g_i| / sqrt(sum |g_i|^2)`` per conv: sqrt(n) when every sample has
+    the same gradient, less when they differ."""
+    from perf.error_after_training import coherence
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    x = torch.randn(1, 1, 6, 6).expand(4, 1, 6, 6)
+    assert coherence(net, x, torch.zeros(4, dtype=torch.long)) == pytest.approx([2.0], rel=1e-5)
+    r = coherence(net, torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 0, 1]))[0]
+    assert 0.0 < r < 1.9
