@@ -152,7 +152,7 @@ def encode(w, P, *, bits, act, perm):
     if v3 is None:
         return None
     key = (bits, act == "relu6", _rows_kind(v3, bits), *_cls(v3, w))
-    data = _call("encode", key, view3(w, perm, v3), P[: ref.PARAM_ROWS])  # (the table's rows: measured below)
+    data = _call("encode", key, view3(w, perm, v3), graph_params(P[: ref.PARAM_ROWS], v3))  # (the table: below)
     if data is None:
         return None
     if _has_table(P):
@@ -172,12 +172,14 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):
     S = centroids.sample_limit(tuple(x.shape), perm, bits) if samples is None else samples
     pos = perm.index(1)
     inner = math.prod(x.shape[d] for d in perm[pos + 1 :])
+    GP = None
     for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):
         if n0 >= S:
             break
         xs = x[n0 : min(n1, S)]
         v3 = (math.prod(xs.shape[d] for d in perm[:pos]), C, inner)
-        out = _call("centroid_stats", (bits, coded, act, *_cls(v3, xs)), view3(xs, perm, v3), P, mean, invstd)
+        GP = graph_params(P, v3) if GP is None else GP
+        out = _call("centroid_stats", (bits, coded, act, *_cls(v3, xs)), view3(xs, perm, v3), GP, mean, invstd)
         if out is None:  # compilation failed since: the reference's statistics
             return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc[:, : L * C], S)
         key, f = out
@@ -253,11 +255,13 @@ def unit_backward(
 
 
 def graph_params(P: torch.Tensor, v3) -> torch.Tensor:
-    """``P`` as the decoding graphs read it: a centroid table stored ``(C, 2**bits)`` (each channel's entries
-    together) where each ``(outer, C, inner)`` row holds one channel (:func:`compiled_bodies.by_channel`)."""
-    if not _has_table(P) or not by_channel(v3[2]):
-        return P
-    return torch.cat([P[: ref.PARAM_ROWS].reshape(-1), P[ref.PARAM_ROWS :].t().reshape(-1)]).view(P.shape)
+    """``P`` as the graphs that read it take it: where each ``(outer, C, inner)`` row holds one channel
+    (:func:`compiled_bodies.by_channel`), stored channel-major (a ``(rows, C)`` view of a ``(C, rows)`` tensor).
+    Inductor vectorizes a loop along the dim most of its loads are contiguous in; with ``P``'s rows contiguous
+    along ``C`` it picked ``C`` and loaded codes and stored values 16 channels apart, element by element: a 4-bit
+    decode of ``(8, 64, 1024)`` took 2.94 ms against 0.35 ms channel-major (one thread, same run). A channel's
+    centroid table is then contiguous too."""
+    return P.t().contiguous().t() if by_channel(v3[2]) else P
 
 
 def _has_table(P: torch.Tensor) -> bool:

@@ -149,17 +149,14 @@ def _decode3(d, P, bits, act, v3, table=False):
 def _decode3_table(qi, P, act):
     """:func:`_decode3` for a grid with a centroid table: ``t = (q - nneg) + off[q]``, the step by the code's side."""
     p = lambda name: _pv(P[_R[name]])  # noqa: E731
-    tab = P[ref.PARAM_ROWS :]
+    tab = P[ref.PARAM_ROWS :]  # (L, C); channel-major where a row holds one channel (compiled.graph_params): a
+    # channel's entries in one cache line, not L rows 4 KiB apart (a (16, 1024, 8, 8) decode 9x slower than midpoints)
     L, C = tab.shape
-    # where a row holds one channel (inner > 1) the table arrives as (C, L) (compiled.graph_params): a channel's
-    # entries in one cache line, not L rows 4 KiB apart (a (16, 1024, 8, 8) decode 9x slower than midpoints)
-    rows_of_one_channel = by_channel(qi.shape[2])
     if L <= 16:
-        cols = tab.reshape(C, L) if rows_of_one_channel else tab.t()
-        off = _select(qi, [_pv(cols[:, k]) for k in range(L)])
+        off = _select(qi, [_pv(tab[k]) for k in range(L)])
     else:  # 8-bit codes: 255 selects cost more than the indexed load
         c = torch.arange(C, dtype=torch.int32, device=qi.device).view(1, -1, 1)
-        off = tab.reshape(-1)[c * L + qi if rows_of_one_channel else qi * C + c]
+        off = tab.t().reshape(-1)[c * L + qi] if by_channel(qi.shape[2]) else tab.reshape(-1)[qi * C + c]
     q = qi.float()
     pos = q >= p("nneg")
     v = ((q - p("nneg")) + off) * torch.where(pos, p("dp"), p("dn"))
