@@ -77,6 +77,28 @@ def test_escapes_follow_a_sample_range():
     assert part[0, :, 5, 5].tolist() == [-50.0] * 4
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+@pytest.mark.parametrize("act, channels_last", [("relu", False), ("relu6", True), ("none", False)])
+def test_backend_decode_puts_the_escaped_activations_back_like_the_reference(backend, act, channels_last):
+    """A backend decodes a code with escapes by its own decoder and writes the escaped elements' activations over
+    it (``escapes.apply_act_``): the reference's bytes, for the whole batch and for a sample range."""
+    from tritonact import backends
+
+    w = with_outliers()
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    gamma, beta = torch.tensor([1.0, -0.5, 2.0, 0.7]), torch.tensor([0.1, 0.0, -0.3, 0.2])
+    data, P, esc = outliers.recode(w, bits=4, act=act, coded="sum", gamma=gamma, beta=beta, window=3.5, pf=0.75,
+                                   cent=True)  # fmt: skip
+    shape, perm = tuple(w.shape), tuple(ref.memory_order(w))
+    code = backends.CodeRef(data, P, None, shape, perm, 4, act, esc=esc)
+    want = ref.decode_act_ref(data, P, 4, shape, perm, act, torch.float32, esc=esc)
+    got = backends.get(backend).decode(code, torch.float32)
+    assert escapes.count(esc) >= 8 and torch.equal(got, want)
+    if not channels_last:  # a sample range (the batch outermost in memory)
+        assert torch.equal(backends.get(backend).decode(code, torch.float32, 1, 3), want[1:3])
+
+
 def _net():
     torch.manual_seed(0)
     return nn.Sequential(

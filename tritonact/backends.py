@@ -122,10 +122,9 @@ class Backend:
     def _decode_unit_range(self, code: CodeRef, n0, n1, dtype, out):
         shape, perm, bits = code.shape, code.perm, code.bits
 
-        def act(data, sub, esc, out=None):  # a code with escapes: the reference, which puts their values back
-            if escapes.count(esc):
-                return ref.decode_act_ref(data, code.P, bits, sub, perm, code.act, dtype, out=out, esc=esc)
-            return self.decode_act(data, code.P, bits, sub, perm, code.act, dtype, out=out)
+        def act(data, sub, esc, out=None):  # a code's escaped values written over their decoded ones
+            a = self.decode_act(data, code.P, bits, sub, perm, code.act, dtype, out=out)
+            return escapes.apply_act_(a, code.P, ref.R, code.act, esc, perm)
 
         if (n0, n1) == (0, shape[0]):
             return act(code.data, shape, code.esc, out)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-__all__ = ["none", "count", "channel_of", "select", "apply_"]
+__all__ = ["none", "count", "channel_of", "select", "apply_", "apply_act_"]
 
 
 def none(like: torch.Tensor) -> torch.Tensor:
@@ -55,3 +55,21 @@ def apply_(v: torch.Tensor, mask: torch.Tensor, o, sgn, vhi, esc: torch.Tensor |
     sat = ve >= vhi
     v.view(-1)[idx] = torch.where(sat, vhi, ve)
     mask.view(-1)[idx] = ((ve > 0) & ~sat).to(mask.dtype)
+
+
+def apply_act_(a: torch.Tensor, P: torch.Tensor, rows: dict, act: str, esc: torch.Tensor | None, perm) -> torch.Tensor:
+    """Write the escaped values' activations into a decoded activation ``a`` (logical shape, dense in memory order
+    ``perm``) decoded without them: ``A * f(v) + B`` per channel from ``P``'s rows (``rows``: their indices), ``v`` as
+    :func:`apply_` gives it and ``f`` the ReLU unless ``act`` is ``"none"``: the values
+    ``reference.decode_act_ref`` gives those elements, in ``a``'s dtype. Returns ``a``."""
+    if count(esc) == 0:
+        return a
+    idx = esc[:, 0].long()
+    c = channel_of(idx, a.shape, perm)
+    vhi = P[rows["vhi"]][c]
+    ve = (esc[:, 1].float() - P[rows["o"]][c]) * P[rows["sgn"]][c]
+    v = torch.where(ve >= vhi, vhi, ve)
+    if act != "none":
+        v = v.clamp(min=0.0)
+    a.permute(perm).view(-1)[idx] = (v * P[rows["A"]][c] + P[rows["B"]][c]).to(a.dtype)
+    return a

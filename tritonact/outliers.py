@@ -22,8 +22,10 @@ the same format, every channel with:
 3. the codes of the other values on the robust grid, with the escaped ones left out of the centroid statistics.
 
 Decoding puts the escaped values back (``escapes.apply_``): their decoded value, mask and activation are exact. A
-code with escapes is always decoded by the torch reference (``Backend.decode``, ``ops.bn_act``); without them
-(``esc`` has no rows, the normal case) nothing changes and no backend pays anything but the flag row.
+convolution's input is decoded by the backend's own decoder and the escaped elements' activations written over it
+(``escapes.apply_act_``, ``Backend.decode``); the unit backward of a code with escapes runs the torch reference
+(``ops.bn_act``). Without them (``esc`` has no rows, the normal case) nothing changes and no backend pays anything
+but the flag row.
 """
 
 from __future__ import annotations
