@@ -276,11 +276,13 @@ class TorchBackend(Backend):
 
     def bn_act_backward(
         self, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace=False,
-        reduce=None, esc=None,
+        reduce=None, esc=None, decoder=None,
     ):  # fmt: skip
-        """Also takes the codes' escaped values: ``esc`` (the unit's), a third item of ``xh_code``, ``res_code.esc``."""
+        """Also takes the codes' escaped values: ``esc`` (the unit's), a third item of ``xh_code``, ``res_code.esc``;
+        ``decoder``: the backend that decodes ``res_code`` (default this one)."""
         if res_code is not None:  # decoded a few samples at a time, inside the chunked backward
-            residual = lambda n0, n1: self.decode(res_code, torch.float32, n0, n1)  # noqa: E731
+            dec = decoder or self
+            residual = lambda n0, n1: dec.decode(res_code, torch.float32, n0, n1)  # noqa: E731
         return ref.unit_backward_ref(
             g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, inplace, reduce, esc
         )

@@ -348,7 +348,8 @@ def _bn_act_backward(
     ``g_residual`` is empty for a unit without a residual add. ``inplace`` (see :func:`_sole_owner`): ``g`` is
     overwritten and returned as ``g_y`` (a join: as ``g_residual``). ``group``: a SyncBatchNorm unit's process
     group key (its sums are all-reduced between the two passes), or ``""``. ``esc``, ``xesc``, ``res_esc``: the
-    codes' escaped values (``tritonact.outliers``); where any has some, the torch reference runs the call."""
+    codes' escaped values (``tritonact.outliers``); where any has some, the torch reference runs the call (the
+    residual's code decoded by ``backend``)."""
     shape, perm = tuple(shape), tuple(perm)
     gamma, beta = gamma.detach().float(), beta.detach().float()
     res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, res_esc)
@@ -357,7 +358,7 @@ def _bn_act_backward(
     xh_code = None if xdata is None else (xdata, xP, xesc) if escaped else (xdata, xP)
     g_y, g_gamma, g_beta, g_res = backends.get("torch" if escaped else backend).bn_act_backward(
         g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
-        **({"esc": esc} if escaped else {}),
+        **({"esc": esc, "decoder": backends.get(backend)} if escaped else {}),
     )  # fmt: skip
     if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
         g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
