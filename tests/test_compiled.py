@@ -489,3 +489,22 @@ def test_outlier_recode_with_the_compiled_encoder_matches_the_reference(bits, ac
     assert torch.equal(cP, P) and torch.equal(cdata, data)
     if cent:  # the table was measured (not left at its initial 0.5 offsets)
         assert not torch.all(P[ref.PARAM_ROWS :] == 0.5)
+
+
+def test_a_graph_traced_with_aliased_arguments_reads_each_argument(monkeypatch):
+    """One tensor passed as both gamma and 1/sigma must not compile a graph that reads gamma for 1/sigma in later
+    calls of its key (graphs.Graphs traces aliased arguments as separate inputs)."""
+    monkeypatch.setenv("TRITONACT_GRAPH_CACHE", "0")  # a graph of this run, not one on disk
+    monkeypatch.setattr(graphs._Store, "folder", staticmethod(lambda: None))
+    compiled._compiled.cache_clear()
+    y, gamma, beta, mean, invstd, g = _unit_inputs(4, False, seed=5)
+    perm, shape = memory_order(y), tuple(y.shape)
+    data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=4, act="relu", window=3.5, pf=0.75, perm=perm)
+    grad = torch.randn(shape, generator=g)
+    one = torch.ones_like(gamma)
+    compiled.unit_backward(grad, data, P, 4, shape, perm, "relu", one, beta, one)  # gamma is 1/sigma: traced first
+    out = compiled.unit_backward(grad, data, P, 4, shape, perm, "relu", gamma, beta, invstd)
+    want = ref.unit_backward_ref(grad, data, P, 4, shape, perm, "relu", gamma, beta, invstd)
+    for c, e in zip(out[:3], want[:3]):  # (see test_unit_codes_decode_and_backward_match_eager)
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    compiled._compiled.cache_clear()

@@ -111,6 +111,23 @@ class Graphs:
         return graph.compiled
 
 
+def _unaliased(args) -> tuple:
+    """``args`` with each tensor that shares storage with an earlier one replaced by a new tensor of the same sizes
+    and strides (a symbolic trace reads no values).
+    Traced as they are, two aliased arguments become one input of the graph, which then reads one buffer for both
+    whatever it is given later: a test that passed one tensor as a unit's gamma and as its ``1/sigma`` left a
+    backward graph on disk that read gamma for ``1/sigma`` in every later call of its key."""
+    seen, out = set(), []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.numel():
+            ptr = a.untyped_storage().data_ptr()
+            if ptr in seen:
+                a = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device)
+            seen.add(ptr)
+        out.append(a)
+    return tuple(out)
+
+
 class _Graph:
     """A compiled graph and what it assumes of its inputs (see :class:`Graphs`)."""
 
@@ -140,7 +157,7 @@ class _Graph:
             raise ImportError(f"torch {torch.__version__} has no torch._inductor.standalone_compile")
         # no duck sizing: two sizes equal in the example must not become one symbol
         with fx_config.patch(use_duck_shape=False):
-            gm = make_fx(fn, tracing_mode="symbolic")(*args)
+            gm = make_fx(fn, tracing_mode="symbolic")(*_unaliased(args))
         fakes = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
         # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
         # symbols. A hit in inductor's caches of whole graphs restores a graph without restating the conditions it
