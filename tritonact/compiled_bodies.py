@@ -220,11 +220,12 @@ def _make_forward_xh(bits, act, window, pf, rows, cent, edge, *_cls):
 def _make_forward_sum(bits, act, window, pf, rows, cent, edge, *_cls):
     def forward_sum(s3, gamma, beta):
         s = s3.float()
-        # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower
+        # two passes (mean, then mean squared deviation): inductor's single-pass Welford var_mean is ~1.6x slower;
+        # each summed over the rows first (the loops run in memory order: (16, 64, 1024) 1.14 -> 0.77 ms)
         M = s.numel() // s.shape[1]
-        mean = s.sum(dim=(0, 2)) / M
-        var = (s - _pv(mean)).square().sum(dim=(0, 2)) / M
-        lo, hi = s.amin(dim=(0, 2)), s.amax(dim=(0, 2))
+        mean = s.sum(dim=2).sum(dim=0) / M
+        var = (s - _pv(mean)).square().sum(dim=2).sum(dim=0) / M
+        lo, hi = s.amin(dim=2).amin(dim=0), s.amax(dim=2).amax(dim=0)
         P = _params(bits, act, "sum", window, pf, lo, hi, mean, var.sqrt(), gamma, beta, cent, edge)
         return _encode3(s, P, bits, act == "relu6", rows), P
 
@@ -273,8 +274,10 @@ def _make_backward(bits, act, mode, ract, inplace, tables, *_cls):
                 r = r3.float() if mode == "residual" else _decoded_act(xd, xP, bits, ract, g3.shape, tables[1])
                 g_safe = torch.where(gamma == 0, torch.ones_like(gamma), gamma)
                 xh = (xh - r - _pv(beta)) / _pv(g_safe)
-        sum_gz = g_z.sum(dim=(0, 2))
-        sum_gzxh = (g_z * xh).sum(dim=(0, 2))
+        # summed over each row first, then over the rows: the loop then runs in the decode's order (outer, C, inner)
+        # and inductor fuses the two (one pass fewer: a (16, 64, 1024) backward 1.91 -> 1.33 ms, one thread)
+        sum_gz = g_z.sum(dim=2).sum(dim=0)
+        sum_gzxh = (g_z * xh).sum(dim=2).sum(dim=0)
         M = g3.numel() // gamma.numel()
         g_y = (g_z - _pv(sum_gz / M) - xh * _pv(sum_gzxh / M)) * _pv(gamma * invstd)
         if not inplace:
