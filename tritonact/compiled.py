@@ -172,13 +172,12 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):
     S = centroids.sample_limit(tuple(x.shape), perm, bits) if samples is None else samples
     pos = perm.index(1)
     inner = math.prod(x.shape[d] for d in perm[pos + 1 :])
-    GP = None
+    GP = graph_params(P, (0, C, inner))  # (its layout depends on inner only)
     for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):
         if n0 >= S:
             break
         xs = x[n0 : min(n1, S)]
         v3 = (math.prod(xs.shape[d] for d in perm[:pos]), C, inner)
-        GP = graph_params(P, v3) if GP is None else GP
         out = _call("centroid_stats", (bits, coded, act, *_cls(v3, xs)), view3(xs, perm, v3), GP, mean, invstd)
         if out is None:  # compilation failed since: the reference's statistics
             return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc[:, : L * C], S)
