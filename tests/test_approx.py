@@ -11,6 +11,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import tritonact
+from tritonact import pool_index
 from tritonact import reference as ref
 from tritonact.memory import activation_bytes_per_sample
 
@@ -431,6 +432,32 @@ def test_maxpool_window_index_round_trip(geom, dtype):
     local = ref.local_index(idx, shape, kernel, stride, padding, dilation, dtype)
     assert local.dtype == torch.uint8 and int(local.max()) < kernel[0] * kernel[1]
     assert torch.equal(ref.global_index(local, shape, kernel, stride, padding, dilation, dtype), idx)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (5, 5)])
+@pytest.mark.parametrize("in_width", [21, 23])  # output widths 11 and 12 (10 and 11 for the 5x5 kernel)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_maxpool_index_kept_in_four_bits(kernel, in_width, channels_last):
+    """A window of at most 16 positions keeps two argmax positions per byte (odd widths padded); a larger one a
+    byte each. Unpacking gives the index back, and the op's backward routes every gradient to max_pool2d's own
+    argmax."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 13, in_width, requires_grad=True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    geom = (kernel, (2, 2), (1, 1), (1, 1))
+    out, idx = F.max_pool2d(x, *geom[:3], dilation=geom[3], return_indices=True)
+    width = out.shape[-1]
+    local = ref.local_index(idx, tuple(x.shape), *geom)
+    kept = pool_index.pack_local(local, kernel)
+    small = kernel[0] * kernel[1] <= 16
+    assert kept.numel() == (idx[..., 0].numel() * ((width + 1) // 2) if small else idx.numel())
+    assert torch.equal(pool_index.unpack_local(kept, kernel, width), local)
+    pooled, stored = torch.ops.tritonact.max_pool2d(x, *map(list, geom), False, "torch")
+    assert torch.equal(pooled, out) and torch.equal(stored, kept)
+    g = torch.randn_like(out)
+    want = torch.autograd.grad(out, x, g)[0]
+    torch.testing.assert_close(torch.autograd.grad(pooled, x, g)[0], want, rtol=0, atol=0)
 
 
 def test_window_index_dtype_widens_for_large_planes():

@@ -63,8 +63,8 @@ def test_conv_pool_and_decode_ops_pass_opcheck():
     )
     pool = torch.ops.tritonact.max_pool2d.default
     torch.library.opcheck(pool, (x, [3, 3], [2, 2], [1, 1], [1, 1], False, "torch"))
-    _, local = torch.ops.tritonact.max_pool2d(a, [3, 3], [2, 2], [1, 1], [1, 1], False, "torch")
-    geom = [3, 3, 2, 2, 1, 1, 1, 1]
+    pooled, local = torch.ops.tritonact.max_pool2d(a, [3, 3], [2, 2], [1, 1], [1, 1], False, "torch")
+    geom = [3, 3, 2, 2, 1, 1, 1, 1, *pooled.shape[-2:]]
     dec = torch.ops.tritonact.decode.default
     # decode runs inside backward formulas only and has no autograd formula (differentiating it is an error, which
     # opcheck's aot_dispatch_dynamic test provokes on purpose)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonact import centroids, escapes, outliers
+from tritonact import centroids, escapes, outliers, pool_index
 from tritonact import reference as ref
 from tritonact.quant import interpreter_enabled, memory_order, resolve_backend, triton_available
 
@@ -31,8 +31,8 @@ __all__ = ["Backend", "CodeRef", "register_backend", "get", "select", "names", "
 class CodeRef:
     """A coded activation as the ops see it: the unit's code (``data``, grid ``P``) of an activation of logical
     ``shape`` dense in memory order ``perm``, and, for a max-pool output, the pool's window-local argmax ``local``
-    with its geometry ``pool`` (kernel, stride, padding, dilation: 8 ints), and the code's escaped values ``esc``
-    (``tritonact.escapes``; None or no rows: none)."""
+    (``pool_index.pack_local``'s) with its geometry ``pool`` (kernel, stride, padding, dilation, output height and
+    width: 10 ints), and the code's escaped values ``esc`` (``tritonact.escapes``; None or no rows: none)."""
 
     data: torch.Tensor
     P: torch.Tensor
@@ -111,7 +111,7 @@ class Backend:
             return a
         N, C, H, W = a.shape
         kernel, stride, padding, dilation = (code.pool[i : i + 2] for i in range(0, 8, 2))
-        local = code.local[n0:n1]
+        local = pool_index.unpack_local(code.local[n0:n1], kernel, code.pool[9])
         res = torch.empty(local.shape, dtype=a.dtype, device=a.device)
         src = a.reshape(N, C, H * W)
         for m0, m1 in ref.batch_ranges(N, local[0].numel()):  # int64 indices a few samples at a time

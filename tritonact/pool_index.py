@@ -1,5 +1,7 @@
-"""Max-pool index maps: the window-local argmax (uint8) a pool keeps instead of its input, and back (the torch
-reference; ``tritonact.reference`` re-exports them)."""
+"""Max-pool index maps: the window-local argmax a pool keeps instead of its input, and back (the torch reference;
+``tritonact.reference`` re-exports them), and its storage: two positions per byte where a window has at most 16
+(a 3x3 pool's argmax needs 4 bits; a byte per position was resnet50's largest code at 2 bits, 64 KiB per
+128x128 sample)."""
 
 from __future__ import annotations
 
@@ -42,3 +44,28 @@ def local_index(idx, in_shape, kernel, stride, padding, dilation, dtype=None):
     kh = torch.floor((ih - h0 + 0.5) / dilation[0])
     kw = torch.floor((t - ih * W - w0 + 0.5) / dilation[1])
     return (kh * kernel[1] + kw).to(torch.uint8)
+
+
+def packs(kernel) -> bool:
+    """Whether a pool with this kernel keeps its window-local argmax in 4 bits (:func:`pack_local`)."""
+    return kernel[0] * kernel[1] <= 16
+
+
+def pack_local(local: torch.Tensor, kernel) -> torch.Tensor:
+    """``local`` (uint8, ``(N, C, OH, OW)``) as it is kept: where :func:`packs`, two positions per byte along the
+    last dim, the even column in the low nibble (``(N, C, OH, ceil(OW / 2))``); else ``local`` itself."""
+    if not packs(kernel):
+        return local
+    if local.shape[-1] % 2:
+        local = torch.nn.functional.pad(local, (0, 1))
+    return local[..., 0::2] | (local[..., 1::2] << 4)
+
+
+def unpack_local(kept: torch.Tensor, kernel, ow: int) -> torch.Tensor:
+    """Inverse of :func:`pack_local`: the window-local argmax (uint8, last dim ``ow``)."""
+    if not packs(kernel):
+        return kept
+    out = kept.new_empty((*kept.shape[:-1], 2 * kept.shape[-1]))
+    torch.bitwise_and(kept, 15, out=out[..., 0::2])
+    torch.bitwise_right_shift(kept, 4, out=out[..., 1::2])
+    return out[..., :ow]

@@ -1,10 +1,11 @@
 """Ops that consume a unit's code: ``tritonact::conv2d`` (saves its input's code, not its input),
-``tritonact::max_pool2d`` (saves a uint8 window-local argmax) and ``tritonact::decode`` (a code back to the
-activation, for a weight gradient).
+``tritonact::max_pool2d`` (saves a window-local argmax, 4 bits for a 3x3 window) and ``tritonact::decode`` (a code
+back to the activation, for a weight gradient).
 
 A code crosses an op boundary as tensors and primitives: ``data`` (packed codes), ``P`` (the per-channel grid),
 ``local`` (a max-pool's argmax, or None), the unit output's ``shape`` and memory order ``perm``, ``bits``, the
-unit's ``act`` and the pool's geometry ``pool`` (kernel, stride, padding, dilation: 8 ints, empty for none).
+unit's ``act`` and the pool's geometry ``pool`` (kernel, stride, padding, dilation, output height and width: 10
+ints, empty for none). ``local`` is kept as ``pool_index.pack_local`` packs it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tritonact import backends, escapes
+from tritonact import backends, escapes, pool_index
 from tritonact import reference as ref
 from tritonact.ops.bn_act import DOUBLE_BACKWARD, direct
 from tritonact.saved import own
@@ -55,8 +56,13 @@ decode = torch.library.custom_op("tritonact::decode", _decode, mutates_args=())
 @decode.register_fake
 def _(data, P, local, shape, perm, bits, act, pool, dtype, backend, esc=None):
     if local is not None:
-        return local.new_empty(local.shape, dtype=dtype)
+        return local.new_empty(pool_shape(shape, pool), dtype=dtype)
     return ref.empty_in(shape, perm, dtype, data.device)
+
+
+def pool_shape(shape, pool) -> list[int]:
+    """The logical shape of a max-pool output whose input has ``shape``, from its geometry ``pool``."""
+    return [shape[0], shape[1], pool[8], pool[9]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ def _conv_backward(ctx, g, into: Tensor | None = None):
         )
 
     def input_grad(g):  # needs no input: the transposed convolution (convolution_backward would copy a placeholder)
-        x_shape = local.shape if local is not None else code_shape
+        x_shape = pool_shape(code_shape, pool) if local is not None else code_shape
         least = [(g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + 1
                  for i in (0, 1)]  # fmt: skip
         pad = [x_shape[2 + i] - least[i] for i in (0, 1)]
@@ -201,13 +207,14 @@ def _max_pool2d(
     ceil_mode: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """``(F.max_pool2d(x, ...), local)``: the exact output and the window-local position (uint8, the output's
-    shape and layout) of each maximum, which is all its backward keeps."""
+    """``(F.max_pool2d(x, ...), local)``: the exact output and the window-local position of each maximum, which is
+    all its backward keeps: uint8, the output's layout, two positions per byte along the last dim where a window has
+    at most 16 (``pool_index.pack_local``)."""
     out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
     local = backends.get(backend).pool_index("local", idx, tuple(x.shape), kernel, stride, padding, dilation)
     if local.stride() != idx.stride():
         local = torch.empty_like(idx, dtype=torch.uint8).copy_(local)
-    return out, local
+    return out, pool_index.pack_local(local, kernel)
 
 
 max_pool2d = torch.library.custom_op("tritonact::max_pool2d", _max_pool2d, mutates_args=())
@@ -216,7 +223,7 @@ max_pool2d = torch.library.custom_op("tritonact::max_pool2d", _max_pool2d, mutat
 @max_pool2d.register_fake
 def _(x, kernel, stride, padding, dilation, ceil_mode, backend):
     out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
-    return out, torch.empty_like(idx, dtype=torch.uint8)
+    return out, pool_index.pack_local(torch.empty_like(idx, dtype=torch.uint8), kernel)
 
 
 def _pool_setup(ctx, inputs, output):
@@ -267,12 +274,14 @@ def _max_pool2d_backward(
     channels_last: bool,
     backend: str,
 ) -> Tensor:
-    """The max-pool's input gradient: ``g`` scattered to the stored argmax positions."""
+    """The max-pool's input gradient: ``g`` scattered to the stored argmax positions (``local`` as
+    ``pool_index.pack_local`` keeps it)."""
     N, C, H, W = in_shape
     be = backends.get(backend)
     gi = torch.zeros(N, C, H * W, dtype=g.dtype, device=g.device)
-    for n0, n1 in ref.batch_ranges(N, C * local.shape[-1] * local.shape[-2]):  # int64 indices a few at a time
-        idx = be.pool_index("global", local[n0:n1], (n1 - n0, C, H, W), kernel, stride, padding, dilation)
+    for n0, n1 in ref.batch_ranges(N, C * g.shape[-1] * g.shape[-2]):  # int64 indices a few at a time
+        part = pool_index.unpack_local(local[n0:n1], kernel, g.shape[-1])
+        idx = be.pool_index("global", part, (n1 - n0, C, H, W), kernel, stride, padding, dilation)
         gi[n0:n1].scatter_add_(2, idx.reshape(n1 - n0, C, -1), g[n0:n1].reshape(n1 - n0, C, -1))
     gi = gi.view(N, C, H, W)
     return gi.contiguous(memory_format=torch.channels_last) if channels_last else gi

@@ -208,7 +208,7 @@ class CodedPool(nn.Module):
         k, s, p, d = self.geom
         run = MaxPoolFn.apply if direct() else torch.ops.tritonact.max_pool2d
         out, local = run(x, k, s, p, d, self.pool.ceil_mode, backends.effective(self.backend))
-        return out, code._replace(local=local, pool=k + s + p + d)
+        return out, code._replace(local=local, pool=k + s + p + d + list(out.shape[-2:]))
 
 
 def backend_name(config: ApproxConfig, device: torch.device) -> str:
