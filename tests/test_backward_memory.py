@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 import torchvision
+from test_ops import _code_of
 from test_outliers import _Block
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -167,6 +168,24 @@ def test_conv_weight_gradient_summed_over_sample_chunks(monkeypatch):
         # largest elements, not with each element (measured: at most 5e-6 of the largest, layer1.0.conv1)
         atol = 1e-5 * grads[0][n].abs().max().item()
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=atol)
+
+
+def test_conv_backward_never_holds_its_decoded_input_beside_its_input_gradient():
+    """In one sample chunk too, the decoded input is freed after the weight gradient, before the input gradient is
+    made: the backward holds one input-sized tensor at a time, not two."""
+    torch.manual_seed(0)
+    a, data, P = _code_of(torch.randn(4, 16, 12, 12), nn.BatchNorm2d(16))
+    assert len(list(ref.sample_chunks(tuple(a.shape), (0, 1, 2, 3), 4))) == 1
+    x = a.detach().clone().requires_grad_()
+    w = torch.randn(8, 16, 3, 3, requires_grad=True)
+    out = torch.ops.tritonact.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, data, P, None, list(a.shape),
+                                     [0, 1, 2, 3], 4, "relu", [], "torch")  # fmt: skip
+    g = torch.randn_like(out)
+    with _BackwardPeak(nn.Conv2d(16, 8, 3)) as mode:
+        gx, gw = torch.autograd.grad(out, (x, w), g)
+    # measured: 1.0 input size (the decoded input, then the input gradient); 2.0 when they were made together
+    assert mode.peak < 1.5 * x.nbytes, mode.peak / x.nbytes
+    torch.testing.assert_close(gx, torch.autograd.grad(nn.functional.conv2d(x, w, padding=1), x, g)[0])
 
 
 def _memtracker_backward_peak(fn):
