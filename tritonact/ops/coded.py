@@ -151,8 +151,13 @@ def _conv_backward(ctx, g, into: Tensor | None = None):
     gi = gw = gb = None
     if len(chunks) == 1:
         a = decode_op(data, P, local, code_shape, code_perm, bits, act, pool, dt, be, esc)
-        gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
-        del a
+        if need[0] and (need[1] or want_b):  # the decoded input is gone before the input gradient is made
+            _, gw, gb = backward(g, a, [False, need[1], want_b])
+            del a
+            gi = input_grad(g)
+        else:
+            gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
+            del a
         if into is not None:
             gi = into.add_(gi)
     else:  # the decoded input lives a few samples at a time: the weight gradient is summed over sample chunks
