@@ -434,13 +434,13 @@ def test_maxpool_window_index_round_trip(geom, dtype):
     assert torch.equal(ref.global_index(local, shape, kernel, stride, padding, dilation, dtype), idx)
 
 
-@pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (5, 5)])
-@pytest.mark.parametrize("in_width", [21, 23])  # output widths 11 and 12 (10 and 11 for the 5x5 kernel)
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3), (5, 5)])
+@pytest.mark.parametrize("in_width", [21, 23, 25])  # output widths 11, 12, 13 (10, 11, 12 for the 5x5 kernel)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_maxpool_index_kept_in_four_bits(kernel, in_width, channels_last):
-    """A window of at most 16 positions keeps two argmax positions per byte (odd widths padded); a larger one a
-    byte each. Unpacking gives the index back, and the op's backward routes every gradient to max_pool2d's own
-    argmax."""
+def test_maxpool_index_kept_in_fewer_bits(kernel, in_width, channels_last):
+    """A window of at most 4 positions keeps four argmax positions per byte, one of at most 16 two (widths padded);
+    a larger one a byte each. Unpacking gives the index back, and the op's backward routes every gradient to
+    max_pool2d's own argmax."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 13, in_width, requires_grad=True)
     if channels_last:
@@ -450,14 +450,39 @@ def test_maxpool_index_kept_in_four_bits(kernel, in_width, channels_last):
     width = out.shape[-1]
     local = ref.local_index(idx, tuple(x.shape), *geom)
     kept = pool_index.pack_local(local, kernel)
-    small = kernel[0] * kernel[1] <= 16
-    assert kept.numel() == (idx[..., 0].numel() * ((width + 1) // 2) if small else idx.numel())
+    per_byte = {4: 4, 6: 2, 9: 2, 25: 1}[kernel[0] * kernel[1]]
+    assert kept.numel() == idx[..., 0].numel() * -(-width // per_byte)
     assert torch.equal(pool_index.unpack_local(kept, kernel, width), local)
     pooled, stored = torch.ops.tritonact.max_pool2d(x, *map(list, geom), False, "torch")
     assert torch.equal(pooled, out) and torch.equal(stored, kept)
     g = torch.randn_like(out)
     want = torch.autograd.grad(out, x, g)[0]
     torch.testing.assert_close(torch.autograd.grad(pooled, x, g)[0], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_packed_maxpool_index_leaves_the_gradients_bit_identical(kernel, monkeypatch):
+    """The packed argmax is lossless: a net whose max-pool output feeds a convolution (decoded through the argmax)
+    trains to the same gradients, bit for bit, as with a byte per position."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(kernel, 2, kernel // 2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4),
+    )  # fmt: skip
+    x, y = torch.randn(4, 3, 15, 15), torch.arange(4)
+    net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = []
+    for unpacked in (False, True):
+        if unpacked:
+            monkeypatch.setattr(pool_index, "local_bits", lambda kernel: 8)
+        net.load_state_dict(state)
+        with tritonact.approximate(net, bits=4, compile=False):
+            F.cross_entropy(net(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        net.zero_grad(set_to_none=True)
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
 
 
 def test_window_index_dtype_widens_for_large_planes():

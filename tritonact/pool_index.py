@@ -1,7 +1,7 @@
 """Max-pool index maps: the window-local argmax a pool keeps instead of its input, and back (the torch reference;
-``tritonact.reference`` re-exports them), and its storage: two positions per byte where a window has at most 16
-(a 3x3 pool's argmax needs 4 bits; a byte per position was resnet50's largest code at 2 bits, 64 KiB per
-128x128 sample)."""
+``tritonact.reference`` re-exports them), and its storage: 2 bits per position where a window has at most 4
+positions, 4 bits where it has at most 16 (a 3x3 pool's argmax; a byte per position was resnet50's largest code at
+2 bits, 64 KiB per 128x128 sample), else a byte."""
 
 from __future__ import annotations
 
@@ -46,26 +46,36 @@ def local_index(idx, in_shape, kernel, stride, padding, dilation, dtype=None):
     return (kh * kernel[1] + kw).to(torch.uint8)
 
 
-def packs(kernel) -> bool:
-    """Whether a pool with this kernel keeps its window-local argmax in 4 bits (:func:`pack_local`)."""
-    return kernel[0] * kernel[1] <= 16
+def local_bits(kernel) -> int:
+    """Bits per window-local argmax position as it is kept (:func:`pack_local`): 2 for a window of at most 4
+    positions, 4 for at most 16, else 8."""
+    n = kernel[0] * kernel[1]
+    return 2 if n <= 4 else 4 if n <= 16 else 8
 
 
 def pack_local(local: torch.Tensor, kernel) -> torch.Tensor:
-    """``local`` (uint8, ``(N, C, OH, OW)``) as it is kept: where :func:`packs`, two positions per byte along the
-    last dim, the even column in the low nibble (``(N, C, OH, ceil(OW / 2))``); else ``local`` itself."""
-    if not packs(kernel):
+    """``local`` (uint8, ``(N, C, OH, OW)``) as it is kept: ``8 // b`` positions per byte along the last dim
+    (``b = local_bits(kernel)``), the first in the lowest bits (``(N, C, OH, ceil(OW * b / 8))``, the width padded
+    with zeros); at 8 bits ``local`` itself."""
+    b = local_bits(kernel)
+    if b == 8:
         return local
-    if local.shape[-1] % 2:
-        local = torch.nn.functional.pad(local, (0, 1))
-    return local[..., 0::2] | (local[..., 1::2] << 4)
+    k = 8 // b
+    if local.shape[-1] % k:
+        local = torch.nn.functional.pad(local, (0, k - local.shape[-1] % k))
+    out = local[..., 0::k].clone()
+    for j in range(1, k):
+        out |= local[..., j::k] << (b * j)
+    return out
 
 
 def unpack_local(kept: torch.Tensor, kernel, ow: int) -> torch.Tensor:
     """Inverse of :func:`pack_local`: the window-local argmax (uint8, last dim ``ow``)."""
-    if not packs(kernel):
+    b = local_bits(kernel)
+    if b == 8:
         return kept
-    out = kept.new_empty((*kept.shape[:-1], 2 * kept.shape[-1]))
-    torch.bitwise_and(kept, 15, out=out[..., 0::2])
-    torch.bitwise_right_shift(kept, 4, out=out[..., 1::2])
+    k = 8 // b
+    out = kept.new_empty((*kept.shape[:-1], k * kept.shape[-1]))
+    for j in range(k):
+        torch.bitwise_and(kept >> (b * j), (1 << b) - 1, out=out[..., j::k])
     return out[..., :ow]

@@ -1,6 +1,6 @@
 """Ops that consume a unit's code: ``tritonact::conv2d`` (saves its input's code, not its input),
-``tritonact::max_pool2d`` (saves a window-local argmax, 4 bits for a 3x3 window) and ``tritonact::decode`` (a code
-back to the activation, for a weight gradient).
+``tritonact::max_pool2d`` (saves a window-local argmax, 4 bits for a 3x3 window, 2 for a 2x2) and
+``tritonact::decode`` (a code back to the activation, for a weight gradient).
 
 A code crosses an op boundary as tensors and primitives: ``data`` (packed codes), ``P`` (the per-channel grid),
 ``local`` (a max-pool's argmax, or None), the unit output's ``shape`` and memory order ``perm``, ``bits``, the
@@ -213,8 +213,8 @@ def _max_pool2d(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(F.max_pool2d(x, ...), local)``: the exact output and the window-local position of each maximum, which is
-    all its backward keeps: uint8, the output's layout, two positions per byte along the last dim where a window has
-    at most 16 (``pool_index.pack_local``)."""
+    all its backward keeps: uint8, the output's layout, 2 or 4 bits per position along the last dim where a window
+    has at most 4 or 16 positions (``pool_index.pack_local``)."""
     out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
     local = backends.get(backend).pool_index("local", idx, tuple(x.shape), kernel, stride, padding, dilation)
     if local.stride() != idx.stride():
