@@ -266,10 +266,11 @@ def graph_params(P: torch.Tensor, v3) -> torch.Tensor:
 
 def channel_strided(v: torch.Tensor) -> torch.Tensor:
     """A ``(C,)`` vector as a view with stride 2 (the same values). Inductor vectorizes a loop along the dim most
-    of its loads are contiguous in; in the unit backward's second pass the per-channel vectors it read (gamma,
-    beta, ``1/sigma`` and the two sums) outnumbered the activation-sized loads, so it loaded the gradient and stored
-    ``g_y`` one channel (a whole row) apart: a ``(16, 256, 32, 32)`` backward took 38.7 ms. Read through this view
-    the inputs no longer count as contiguous along ``C``."""
+    of its loads are contiguous in. In the second pass of a unit backward that returns ``g_y`` (not in place) the
+    per-channel vectors it read (gamma, ``1/sigma`` and the two sums) outnumbered the activation-sized loads, so it
+    loaded the gradient and stored ``g_y`` one channel (a whole row) apart: ``(16, 256, 32, 32)`` took 38.6 ms
+    against 6.7 ms with this view, ``(16, 64, 32, 32)`` 9.8 against 1.7 (one thread, fresh compiles). The in-place
+    variant, training's usual case, already ran along the row (6.6 and 1.7 ms)."""
     return v.new_empty((v.shape[0], 2))[:, 0].copy_(v)
 
 
