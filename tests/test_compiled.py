@@ -508,3 +508,39 @@ def test_a_graph_traced_with_aliased_arguments_reads_each_argument(monkeypatch):
     for c, e in zip(out[:3], want[:3]):  # (see test_unit_codes_decode_and_backward_match_eager)
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
     compiled._compiled.cache_clear()
+
+
+def test_a_cache_hit_s_code_is_stored_for_its_own_input_only(graph_store, monkeypatch):
+    """A hit in inductor's whole-graph caches may restore code that assumes more than the trace's conditions (a
+    stored forward graph asserted rows of 4 values, and a later process fed it rows of 324). The graph that runs is
+    compiled again without those caches; the hit's code, the only one that serializes, is stored for the example's
+    own sizes and strides, so another process loads it for that input and compiles for any other."""
+    import torch._inductor
+    from torch._dynamo.utils import counters
+
+    real = torch._inductor.standalone_compile
+
+    def hit_first(gm, fakes, **kwargs):
+        out = real(gm, fakes, **kwargs)
+        if kwargs.get("aot"):
+            counters["inductor"]["fxgraph_cache_hit"] += 1  # as if this one came from inductor's cache
+        return out
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", hit_first)
+    key = (4, "relu", 1.375, 0.75, True, False, False, False, torch.float32, torch.float32)  # used by no other test
+    name = f"forward_sum{key}"
+    fn = compiled._MAKERS["forward_sum"](*key)
+    g = torch.Generator().manual_seed(4)
+    small = (torch.randn(2, 8, 16, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g))
+    other = (torch.randn(3, 8, 24, generator=g), *small[1:])
+    first = graphs.Graphs(name, fn)
+    want = [first(*a) for a in (small, other)]
+    assert len(first.graphs) == 1  # in this process: one graph, its conditions from the trace
+    (entry,) = graphs._STORE.entries(name)
+    assert entry.accepts(small) and not entry.accepts(other)
+    monkeypatch.setattr(torch._inductor, "standalone_compile", real)
+    second = graphs.Graphs(name, fn)  # a new process's
+    for a, w in zip((small, other), want):
+        for x, y in zip(second(*a), w):
+            assert torch.equal(x, y)
+    assert len(second.graphs) == 2  # the stored one (small) and a new one (other)

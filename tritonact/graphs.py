@@ -162,11 +162,15 @@ class _Graph:
         # Compiled from the trace's own fake inputs, so that the conditions inductor adds are stated in the trace's
         # symbols. A hit in inductor's caches of whole graphs restores a graph without restating the conditions it
         # was compiled under: where one happens, the graph is compiled again with those caches off (the C++ of a
-        # graph is still cached: a warm compile takes seconds), which states them; the hit's code, which holds
-        # under them (its own conditions held for this input), is what the store keeps.
+        # graph is still cached: a warm compile takes seconds), which states them, and that graph runs here. Only
+        # the hit's code can be serialized, and it may assume more than those conditions (a forward graph's code
+        # asserted rows of 4 values, was stored without that condition, and a later process ran it on rows of
+        # 324), so the store keeps it for this input's exact sizes and strides only.
+        exact = False
         with torch._inductor.config.patch(_inductor_options()):
             compiled, blob = _STORE.compile(gm, fakes) if _STORE.on() else (None, None)
             if compiled is None:
+                exact = blob is not None
                 with (
                     torch._inductor.config.patch(fx_graph_cache=False),
                     torch._functorch.config.patch(enable_autograd_cache=False),
@@ -190,9 +194,11 @@ class _Graph:
         if unknown:
             raise _Unguardable(f"{name}: conditions on {sorted(map(str, unknown))}, not input sizes")
         single = isinstance(next(n for n in gm.graph.nodes if n.op == "output").args[0], torch.fx.Node)
-        graph = cls(compiled, specs, symbols, conditions, blob, single)
+        graph = cls(compiled, specs, symbols, conditions, None if exact else blob, single)
         if not graph.accepts(args):
             raise _Unguardable(f"{name}: its own example input violates its conditions")
+        if exact:  # what the store keeps of a cache hit's code (above)
+            graph.exact = cls(None, _exact_specs(args), {}, [], blob, single)
         return graph
 
     def accepts(self, args) -> bool:
@@ -227,6 +233,16 @@ def _inductor_options() -> dict:
     1.1 ms for a (8, 256, 16, 16) code, one thread, AVX-512), 2.3 ms vectorized."""
     cpp = getattr(torch._inductor.config, "cpp", None)
     return {"cpp.enable_tiling_heuristics": False} if hasattr(cpp, "enable_tiling_heuristics") else {}
+
+
+def _exact_specs(args) -> list:
+    """Specs that accept only ``args``' own dtypes, sizes and strides."""
+    import sympy
+
+    return [
+        None if a is None else (a.dtype, [sympy.Integer(v) for v in a.shape], [sympy.Integer(v) for v in a.stride()])
+        for a in args
+    ]
 
 
 def _sym_expr(v):
@@ -279,8 +295,8 @@ class _Store:
 
     def compile(self, gm, fakes):
         """``(compiled, blob)``: the compiled graph and its serialized code; ``compiled`` is None where the graph must
-        be compiled again with inductor's caches off (a cache hit: see ``_Graph._compile``), ``blob`` None where
-        this torch cannot serialize one."""
+        be compiled again with inductor's caches off (a cache hit: see ``_Graph._compile``; ``blob`` is then the
+        hit's code), ``blob`` None where this torch cannot serialize one."""
         from torch._dynamo.utils import counters
 
         def hits():
@@ -323,6 +339,7 @@ class _Store:
         return True
 
     def save(self, name: str, graph: _Graph) -> None:
+        graph = getattr(graph, "exact", None) or graph  # a cache hit's code: kept for its own input only
         folder, blob, graph.blob = self.folder(), graph.blob, None  # (the bytes are not kept in memory)
         if blob is None or folder is None or self.failed:
             return
