@@ -1,7 +1,7 @@
 """Max-pool index maps: the window-local argmax a pool keeps instead of its input, and back (the torch reference;
 ``tritonact.reference`` re-exports them), and its storage: 2 bits per position where a window has at most 4
-positions, 4 bits where it has at most 16 (a 3x3 pool's argmax; a byte per position was resnet50's largest code at
-2 bits, 64 KiB per 128x128 sample), else a byte."""
+positions, 4 bits where it has at most 16 (a 3x3 pool's argmax; a byte per position held 64 KiB per 128x128
+sample in resnet50, as much as its largest 2-bit codes), else a byte."""
 
 from __future__ import annotations
 
