@@ -217,9 +217,10 @@ def _max_pool2d(
     has at most 4 or 16 positions (``pool_index.pack_local``)."""
     out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
     local = backends.get(backend).pool_index("local", idx, tuple(x.shape), kernel, stride, padding, dilation)
-    if local.stride() != idx.stride():
-        local = torch.empty_like(idx, dtype=torch.uint8).copy_(local)
-    return out, pool_index.pack_local(local, kernel)
+    kept = pool_index.pack_local(local, kernel)  # (a new tensor, unless a byte per position is kept)
+    if kept is local and local.stride() != idx.stride():
+        kept = torch.empty_like(idx, dtype=torch.uint8).copy_(local)
+    return out, kept
 
 
 max_pool2d = torch.library.custom_op("tritonact::max_pool2d", _max_pool2d, mutates_args=())
