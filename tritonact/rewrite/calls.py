@@ -19,10 +19,11 @@ from tritonact.config import DEFAULT_WINDOW, MIN_VALUES, ApproxConfig
 from tritonact.ops.bn_act import BNActFn, direct
 from tritonact.ops.coded import ConvFn, MaxPoolFn
 from tritonact.ops.fork import conv_fork, fork
+from tritonact.ops.stem import stem as _stem  # noqa: F401 (registers tritonact::stem)
 from tritonact.quant import memory_order
 from tritonact.rewrite.plan import JOIN_FEW_VALUES, UnitSpec, pair
 
-__all__ = ["Code", "Unit", "CodedConv", "CodedPool", "MIN_VALUES"]
+__all__ = ["Code", "Unit", "CodedConv", "CodedPool", "Stem", "MIN_VALUES"]
 
 
 class Code(NamedTuple):
@@ -209,6 +210,62 @@ class CodedPool(nn.Module):
         run = MaxPoolFn.apply if direct() else torch.ops.tritonact.max_pool2d
         out, local = run(x, k, s, p, d, self.pool.ceil_mode, backends.effective(self.backend))
         return out, code._replace(local=local, pool=k + s + p + d + list(out.shape[-2:]))
+
+
+class Stem(nn.Module):
+    """A convolution, the unit that alone reads its output and the max-pool that alone reads the unit's, as one
+    ``tritonact::stem`` call (the unit's BN input is computed again in backward from the convolution's input); the
+    pool's output comes with a code of its own. Where the approximate path does not apply, the three call sites'
+    own paths."""
+
+    def __init__(self, conv: nn.Conv2d, unit: Unit, pool: CodedPool):
+        super().__init__()
+        self.conv, self.unit, self.coded_pool = conv, unit, pool
+
+    def forward(self, x):
+        c, bn, spec, config = self.conv, self.unit.bn, self.unit.spec, self.unit.config
+        stride, padding, dilation = (list(pair(v)) for v in (c.stride, c.padding, c.dilation))
+        C, values = c.out_channels, 0
+        if x.dim() == 4:  # per channel: the batch times the convolution output's height and width
+            values = x.shape[0]
+            for i in (0, 1):
+                values *= (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (c.kernel_size[i] - 1) - 1) // stride[i] + 1
+        if (
+            not bn.training
+            or not torch.is_grad_enabled()
+            or values < MIN_VALUES
+            or sync.group_key(bn)  # a SyncBatchNorm in a process group: the unit's own path (global statistics)
+            or (_global_forward_hooks() and not torch.compiler.is_compiling())  # a hook for every module sees conv
+        ):
+            return self.coded_pool(*self.unit(c(x)))
+        pdt = bn.running_mean.dtype if bn.running_mean is not None else torch.float32
+        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=x.device, dtype=pdt)
+        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=x.device, dtype=pdt)
+        rm = rv = nbt = None
+        if bn.track_running_stats:
+            rm, rv = bn.running_mean, bn.running_var
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                nbt = bn.num_batches_tracked
+        bits = spec.bits or config.bits
+        window = config.effective_window if bits == config.bits else DEFAULT_WINDOW[bits]
+        k, s, p, d = self.coded_pool.geom
+        backend = backends.effective(spec.backend)
+        out, data, P, invstd, new_rm, new_rv, local, esc = torch.ops.tritonact.stem(
+            x, c.weight, c.bias, stride, padding, dilation, c.groups, gamma, beta, rm, rv, nbt, bn.momentum, bn.eps,
+            k, s, p, d, self.coded_pool.pool.ceil_mode, bits, spec.act, window, config.positive_fraction_for(values),
+            backend, config.centroids(bits) and values >= (2 << bits), spec.edge,
+        )  # fmt: skip
+        if rm is not None:
+            rm.copy_(new_rm.detach())
+            rv.copy_(new_rv.detach())
+        if not torch.compiler.is_compiling():
+            spec.last_code_bytes = data.nbytes + P.nbytes + esc.nbytes + local.nbytes
+            spec.last_full_bytes = values * C * out.element_size()
+            spec.last_two_codes = False
+        code = Code(data, P, None, list(out.shape), list(memory_order(out)), bits, spec.act, [], esc)
+        saved.offer(out, code, backend)
+        return out, code
 
 
 def backend_name(config: ApproxConfig, device: torch.device) -> str:

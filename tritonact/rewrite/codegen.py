@@ -20,7 +20,7 @@ from torch.fx.node import map_arg
 from tritonact import saved
 from tritonact.config import ApproxConfig
 from tritonact.ops.fork import fork
-from tritonact.rewrite.calls import CodedConv, CodedPool, Unit
+from tritonact.rewrite.calls import CodedConv, CodedPool, Stem, Unit
 from tritonact.rewrite.plan import Plan, has_hooks
 from tritonact.ring import Ring, RingPlan, schedule
 
@@ -49,10 +49,11 @@ def _reads(node: fx.Node) -> list[fx.Node]:
 
 def _ring_plan(gm: fx.GraphModule, plan: Plan) -> RingPlan:
     steps, reads = [], []
+    in_stems = {final for _, final in plan.stems.values()}  # (their output lives inside tritonact::stem)
     for node in gm.graph.nodes:
         if node in plan.absorbed or node.op == "placeholder":
             continue
-        if node in plan.units:
+        if node in plan.units and node not in in_stems:
             spec, y, res = plan.units[node]
             steps.append(("unit", node, (spec, y, res)))
             reads.append([y] + ([res] if res is not None else []))
@@ -249,10 +250,17 @@ def generate(gm: fx.GraphModule, plan: Plan, config: ApproxConfig) -> Rewritten:
         env[node] = graph.call_function(operator.getitem, (result, 0))
         codes[node] = graph.call_function(operator.getitem, (result, 1))
 
+    in_stems = {n for pair in plan.stems.values() for n in pair}
     for node in gm.graph.nodes:
-        if node in plan.absorbed:
+        if node in plan.absorbed or node in in_stems:
             continue
-        if node in plan.units:
+        if node in plan.stems:
+            conv_node, final = plan.stems[node]
+            spec = plan.units[final][0]
+            unit = Unit(spec, config)
+            stem = Stem(modules[conv_node.target], unit, CodedPool(plan.pools[node], plan.backend))
+            split(node, call(stem, spec.name, "stem", (env[conv_node.args[0]],)))
+        elif node in plan.units:
             spec, y, res = plan.units[node]
             slot = ring_plan.slot_of.get(node) if ring_plan is not None else None
             # A join's residual goes by keyword: module-level tools that watch a call's positional tensor inputs

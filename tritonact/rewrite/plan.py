@@ -233,6 +233,7 @@ class Plan:
     convs: dict = field(default_factory=dict)  # conv node -> module
     pools: dict = field(default_factory=dict)  # pool node -> module
     exact: list = field(default_factory=list)  # (what, why)
+    stems: dict = field(default_factory=dict)  # pool node -> (conv node, unit node): one tritonact::stem call
 
 
 def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str = "") -> Plan:
@@ -348,7 +349,34 @@ def make_plan(gm: fx.GraphModule, cfg: ApproxConfig, backend: str, prefix: str =
         # joins of resnet50, docs/method.md section 3)
         spec.spread_codes = spec.spread_codes and bits > 2
     decide_joins([spec for spec, _, _ in plan.units.values()])
+    if not prefix and not cfg.naive:
+        _find_stems(plan, modules)
     return plan
+
+
+def _find_stems(plan: Plan, modules: dict) -> None:
+    """The convolutions of a graph input whose output one unit alone reads, whose output one max-pool alone reads
+    (``Plan.stems``): the convolution keeps its input in full anyway, so the unit's backward can compute its BN
+    input again instead of keeping a code (``tritonact.ops.stem``)."""
+    for final, (spec, y, res) in plan.units.items():
+        users = list(final.users)
+        if res is not None or spec.post is not None or len(users) != 1:
+            continue
+        pool = users[0]
+        if pool not in plan.pools or pool.args[0] is not final or y.op != "call_module" or len(y.users) != 1:
+            continue
+        conv = modules[y.target]
+        if (
+            not isinstance(conv, nn.Conv2d)
+            or conv_eligible(conv) is not None
+            or has_hooks(conv)
+            or len(y.args) != 1
+            or y.kwargs
+            or not isinstance(y.args[0], fx.Node)
+            or y.args[0].op != "placeholder"
+        ):
+            continue
+        plan.stems[pool] = (y, final)
 
 
 # Activations whose derivative jumps: at +-3 (Hardswish: 0 -> -0.5 at -3, 1.5 -> 1 at 3; Hardsigmoid: 0 <-> 1/6), at
