@@ -17,6 +17,7 @@ from tritonact import compiled
 from tritonact import reference as ref
 from tritonact.fidelity import rel_l2
 from tritonact.ops import DOUBLE_BACKWARD
+from tritonact.quant import memory_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,27 +75,37 @@ def test_conv_pool_and_decode_ops_pass_opcheck():
     torch.library.opcheck(dec, args, test_utils=checks)
 
 
-def test_conv_op_gradients_come_from_the_code():
-    """The weight gradient is computed from the decoded code, the input gradient exactly; nothing saves ``x``."""
+@pytest.mark.parametrize(
+    "k,stride,pad,channels_last",
+    [(3, 1, 1, False), (1, 1, 0, False), (1, 1, 0, True), (1, 2, 0, False), (3, 2, 1, True)],
+    ids=["3x3", "1x1", "1x1-cl", "1x1-stride2", "3x3-stride2-cl"],
+)
+def test_conv_op_gradients_come_from_the_code(k, stride, pad, channels_last):
+    """The weight gradient is computed from the decoded code, the input gradient exactly (a 1x1, stride-1
+    convolution's as a convolution by W^T, the others' as a transposed convolution); nothing saves ``x``."""
     torch.manual_seed(0)
-    a, data, P = _code_of(torch.randn(2, 4, 6, 6), nn.BatchNorm2d(4))
-    a_dec = ref.decode_act_ref(data, P, 4, tuple(a.shape), (0, 1, 2, 3), "relu", torch.float32)
-    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.randn(2, 4, 7, 7).contiguous(memory_format=fmt)
+    a, data, P = _code_of(y, nn.BatchNorm2d(4))
+    perm = list(memory_order(a))
+    a_dec = ref.decode_act_ref(data, P, 4, tuple(a.shape), tuple(perm), "relu", torch.float32)
+    w = torch.randn(3, 4, k, k, requires_grad=True)
     x = a.clone().requires_grad_()
     with tritonact.SavedTensorCounter() as c:
-        out = torch.ops.tritonact.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, data, P, None, list(a.shape),
-                                         [0, 1, 2, 3], 4, "relu", [], "torch")  # fmt: skip
+        out = torch.ops.tritonact.conv2d(x, w, None, [stride] * 2, [pad] * 2, [1, 1], 1, data, P, None,
+                                         list(a.shape), perm, 4, "relu", [], "torch")  # fmt: skip
     assert c.nbytes == w.nbytes + data.nbytes + P.nbytes  # the weight and the code, not x
-    torch.testing.assert_close(out, nn.functional.conv2d(a, w, padding=1), rtol=0, atol=0)
+    conv = lambda inp, wt: nn.functional.conv2d(inp, wt, stride=stride, padding=pad)  # noqa: E731
+    torch.testing.assert_close(out, conv(a, w), rtol=0, atol=0)
     g = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, w), g)
-    conv = lambda inp, wt: nn.functional.conv2d(inp, wt, padding=1)  # noqa: E731
     want_gw = torch.autograd.grad(conv(a_dec, w), w, g)[0]  # from the decoded activation
     exact_gw = torch.autograd.grad(conv(a, w), w, g)[0]
     torch.testing.assert_close(gw, want_gw)
     assert not torch.allclose(gw, exact_gw)  # the code, not the exact input, was used
     xe = a.clone().requires_grad_()
     torch.testing.assert_close(gx, torch.autograd.grad(conv(xe, w), xe, g)[0])
+    assert gx.shape == x.shape
 
 
 def _tiny_resnet():
