@@ -93,7 +93,8 @@ class Backend:
 
     def encode(self, w, P, bits, act) -> torch.Tensor:
         """The packed codes of ``w`` (fp32, dense in its memory order) under ``P``, whose centroid table (if it has
-        one) is measured over every sample, NaN values left out: ``outliers.encode_ref``'s (the recode's last step)."""
+        one) is measured over the samples a unit's own sees (``centroids.sample_limit``), NaN values left out:
+        ``outliers.encode_ref``'s (the recode's last step)."""
         return outliers.encode_ref(w, P, bits, act)
 
     def pool_index(self, direction, t, in_shape, kernel, stride, padding, dilation) -> torch.Tensor:

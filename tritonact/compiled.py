@@ -147,7 +147,7 @@ def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False,
 
 def encode(w, P, *, bits, act, perm):
     """``Backend.encode`` compiled: the codes of ``w`` (fp32, dense in ``perm``) under ``P`` and its centroid table
-    (if it has one) from every sample, NaN values left out; equal to ``outliers.encode_ref``'s."""
+    (if it has one) from the samples a unit's own sees, NaN values left out; equal to ``outliers.encode_ref``'s."""
     v3 = layout3(tuple(w.shape), perm, bits)
     if v3 is None:
         return None
@@ -156,7 +156,7 @@ def encode(w, P, *, bits, act, perm):
     if data is None:
         return None
     if _has_table(P):
-        _measure(P, w, perm, bits, "sum", act, P[0], P[0], samples=w.shape[0])
+        _measure(P, w, perm, bits, "sum", act, P[0], P[0])
     return data if data.dtype == torch.uint8 else data.view(torch.uint8).reshape(-1)
 
 

@@ -14,12 +14,14 @@ channel is coded again here, in the same format (the statistics in torch, the co
 backend's ``encode``: the compiled graphs on the CPU path, the reference elsewhere), every channel with:
 
 1. **robust statistics**: mean and std of each channel over its values within :data:`CLIP` standard deviations
-   of the last estimate (the plain one first, :data:`ROUNDS` rounds), so the window fits the bulk again;
+   of the last estimate (the plain one first, :data:`ROUNDS` rounds), so the window fits the bulk again; from the
+   batch's first samples holding :data:`ROBUST_VALUES` values per channel;
 2. **escapes**: every value outside that window and more than :data:`ESCAPE` robust standard deviations from the
    robust mean (at most one per :data:`CAP` values, the furthest out first) is stored exactly, as a row ``(flat
    index in memory order, value)`` of a float64 ``(E, 2)`` tensor ``esc``; the values between clip into the end
    bins as usual;
-3. the codes of the other values on the robust grid, with the escaped ones left out of the centroid statistics.
+3. the codes of the other values on the robust grid, with the escaped ones left out of the centroid statistics
+   (which see the samples a unit's own see, ``centroids.sample_limit``).
 
 Decoding puts the escaped values back (``escapes.apply_``): their decoded value, mask and activation are exact. A
 convolution's input is decoded by the backend's own decoder and the escaped elements' activations written over it
@@ -48,6 +50,12 @@ GENERIC_THRESHOLD = 12.0  # the same for a generic code, which is not normalized
 # ordinary tail at 6-8 std (tests/test_generic.py's net without BN reaches 7.2)
 ESCAPE = 4.5  # a value is escaped beyond the window and beyond this many robust standard deviations
 CAP = 16  # at most one escape per CAP values of a code (16 bytes each: at most one byte per value)
+# The robust statistics and the centroid table of a recode see the batch's first samples holding at least this many
+# values per channel (all of them where the batch is not the outermost dim in memory), as a unit's own centroid
+# table does (centroids.VALUES); every value is still tested for escape and coded. A recode of resnet50's layer1 at
+# 16 x 128x128 (4M values) went through all of them some 35 times; training on one batch at lr 0.01 (the step-time
+# benchmark) recodes about half of the units after a few steps.
+ROBUST_VALUES = 1 << 12
 
 
 def flagged(P: torch.Tensor | None) -> bool:
@@ -85,12 +93,22 @@ def _robust(w: torch.Tensor, dims, mean: torch.Tensor, std: torch.Tensor):
     return mean, std
 
 
+def leading(shape, perm, values: int) -> int:
+    """How many leading samples hold at least ``values`` values per channel: all of them where the batch is not the
+    outermost dim in memory (no prefix of the codes is a set of samples there)."""
+    if not perm or perm[0] != 0:
+        return shape[0]
+    return min(shape[0], max(1, -(-values // max(math.prod(shape[2:]), 1))))
+
+
 def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str) -> torch.Tensor:
-    """The packed codes of ``w`` under ``P``, whose centroid table (if it has one) is measured over every sample of
-    ``w``; a NaN value is code 0 and has no share in it (``Backend.encode``'s contract, the reference)."""
+    """The packed codes of ``w`` under ``P``, whose centroid table (if it has one) is measured over the samples a
+    unit's own table sees (``centroids.sample_limit``); a NaN value is code 0 and has no share in it
+    (``Backend.encode``'s contract, the reference)."""
     cent = centroids.has_table(P, ref.PARAM_ROWS)
     acc = centroids.new_acc(bits, w.shape[1], w.device) if cent else None
-    data = ref.encode_ref(w, P, bits, act, acc, None)
+    S = centroids.sample_limit(tuple(w.shape), memory_order(w), bits)
+    data = ref.encode_ref(w, P, bits, act, acc, S)
     if cent:
         centroids.finish_(P, acc, ref.PARAM_ROWS)
     return data
@@ -101,14 +119,19 @@ def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, win
     """``(data, P, esc)``: the code of ``w`` (fp32, dense in its memory order, channels at dim 1) on robust
     per-channel statistics, with the values outside the window escaped (see the module docstring); every channel,
     as an outlier sample leaves channels its values do not flag inflated too. ``coded``, ``gamma``, ``beta``,
-    ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid table (measured over every
-    sample); ``encode``: the last step, :func:`encode_ref` or a backend's ``encode``."""
+    ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid table (measured as a unit's
+    own); ``encode``: the last step, :func:`encode_ref` or a backend's ``encode``."""
     dims = ref.channel_dims(w)
-    wmin, wmax, mean, std = _stats(w, coded)
-    mean, std = _robust(w, dims, mean, std)
+    perm = memory_order(w)
+    head = w[: leading(tuple(w.shape), perm, ROBUST_VALUES)]
+    if head.shape[0] == w.shape[0]:
+        wmin, wmax, mean, std = _stats(w, coded)
+    else:  # the range from every value, the statistics from the first samples
+        wmin, wmax = w.amin(dim=dims), w.amax(dim=dims)
+        mean, std = _stats(head, coded)[2:]
+    mean, std = _robust(head, dims, mean, std)
     half = window * std if not math.isinf(window) else torch.full_like(std, math.inf)
     lo, hi = torch.maximum(wmin, mean - half), torch.minimum(wmax, mean + half)
-    perm = memory_order(w)
     flat = w.permute(perm).reshape(-1)  # memory order (w is dense in it)
     reach = ESCAPE * std  # beyond the window and this: escaped (between them: clipped into the end bins)
     elo, ehi = torch.minimum(lo, mean - reach), torch.maximum(hi, mean + reach)
