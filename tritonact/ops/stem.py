@@ -24,7 +24,7 @@ from tritonact.ops.coded import _max_pool2d_backward
 from tritonact.quant import _inverse, memory_order, pack_codes, unpack_codes
 from tritonact.saved import own, passthrough
 
-__all__ = ["stem", "pool_code"]
+__all__ = ["stem", "pool_code", "conv_hw"]
 
 
 def _stem(
@@ -138,16 +138,15 @@ def _setup(ctx, inputs, output):
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.pool = (list(kernel), list(pool_stride), list(pool_padding), list(pool_dilation))
     ctx.act, ctx.backend = act, backend
-    ctx.y_shape = [out.shape[0], weight.shape[0], *_conv_hw(x, weight, stride, padding, dilation)]
+    ctx.y_shape = [out.shape[0], weight.shape[0], *conv_hw(x.shape, weight.shape[2:], stride, padding, dilation)]
     ctx.channels_last = out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     ctx.dtype = out.dtype
     ctx.set_materialize_grads(False)
 
 
-def _conv_hw(x, weight, stride, padding, dilation) -> list[int]:
-    return [
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in (0, 1)
-    ]
+def conv_hw(x_shape, kernel, stride, padding, dilation) -> list[int]:
+    """The height and width of a convolution's output for an input of shape ``x_shape``."""
+    return [(x_shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
 
 
 def _backward(ctx, g, *_):

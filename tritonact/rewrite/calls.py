@@ -19,7 +19,7 @@ from tritonact.config import DEFAULT_WINDOW, MIN_VALUES, ApproxConfig
 from tritonact.ops.bn_act import BNActFn, direct
 from tritonact.ops.coded import ConvFn, MaxPoolFn
 from tritonact.ops.fork import conv_fork, fork
-from tritonact.ops.stem import stem as _stem  # noqa: F401 (registers tritonact::stem)
+from tritonact.ops.stem import conv_hw
 from tritonact.quant import memory_order
 from tritonact.rewrite.plan import JOIN_FEW_VALUES, UnitSpec, pair
 
@@ -78,26 +78,16 @@ class Unit(nn.Module):
         if not y.permute(memory_order(y)).is_contiguous():
             y = y.contiguous()
         perm = list(memory_order(y))
-        C = y.shape[1]
-        pdt = bn.running_mean.dtype if bn.running_mean is not None else torch.promote_types(y.dtype, torch.float32)
-        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=y.device, dtype=pdt)
-        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=y.device, dtype=pdt)
-        rm = rv = nbt = None
-        if bn.track_running_stats:
-            rm, rv = bn.running_mean, bn.running_var
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                nbt = bn.num_batches_tracked
+        gamma, beta, rm, rv, nbt = self.bn_args(y.shape[1], y)
         backend = backends.effective(spec.backend)
         if res_code is not None:
             rc = (res_code.data, res_code.P, res_code.local, res_code.shape, res_code.perm, res_code.pool, res_code.act)
             res_esc = res_code.esc
         else:
             rc, res_esc = (None, None, None, [], [], [], "none"), None
-        values = y.numel() // C
+        values = y.numel() // y.shape[1]
         store_xh = residual is not None and (spec.store_xh or (spec.few_codes and values <= JOIN_FEW_VALUES))
-        bits = spec.bits or self.bits
-        window = self.window if bits == self.bits else DEFAULT_WINDOW[bits]
+        bits, window = self.width()
         args = (
             y, gamma, beta, residual, rm, rv, nbt, bn.momentum, bn.eps, *rc, bits, spec.act, window,
             self.config.positive_fraction_for(values), store_xh, self.naive, backend, group,
@@ -120,9 +110,7 @@ class Unit(nn.Module):
         else:
             outputs = torch.ops.tritonact.bn_act(*args)
         out, data, P, invstd, xdata, xP, new_rm, new_rv, esc, xesc = outputs
-        if rm is not None:
-            rm.copy_(new_rm.detach())
-            rv.copy_(new_rv.detach())
+        self.update_stats(rm, rv, new_rm, new_rv)
         if not torch.compiler.is_compiling():
             spec.last_code_bytes = data.nbytes + P.nbytes + xdata.nbytes + xP.nbytes + esc.nbytes + xesc.nbytes
             spec.last_full_bytes = y.numel() * y.element_size()
@@ -132,6 +120,35 @@ class Unit(nn.Module):
         code = Code(data, P, None, list(y.shape), perm, bits, spec.act, [], esc)
         saved.offer(out, code, backend)
         return out, code
+
+    def bn_args(self, C: int, like: torch.Tensor) -> tuple:
+        """``(gamma, beta, running_mean, running_var, num_batches_tracked)`` for a training forward of the BN over
+        ``C`` channels (ones and zeros where it has no affine parameters; None where it tracks no statistics), with
+        this batch counted in ``num_batches_tracked``, as ``nn.BatchNorm2d`` counts it before normalizing."""
+        bn = self.bn
+        pdt = bn.running_mean.dtype if bn.running_mean is not None else torch.promote_types(like.dtype, torch.float32)
+        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=like.device, dtype=pdt)
+        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=like.device, dtype=pdt)
+        rm = rv = nbt = None
+        if bn.track_running_stats:
+            rm, rv = bn.running_mean, bn.running_var
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                nbt = bn.num_batches_tracked
+        return gamma, beta, rm, rv, nbt
+
+    def width(self) -> tuple[int, float]:
+        """``(bits, window)`` of this unit's code (a unit coded at other bits than the context's gets their
+        default window)."""
+        bits = self.spec.bits or self.bits
+        return bits, (self.window if bits == self.bits else DEFAULT_WINDOW[bits])
+
+    @staticmethod
+    def update_stats(rm, rv, new_rm, new_rv) -> None:
+        """The op's running statistics after the batch, copied into the module's buffers."""
+        if rm is not None:
+            rm.copy_(new_rm.detach())
+            rv.copy_(new_rv.detach())
 
     def _empty(self, y, residual, group):
         """A SyncBatchNorm unit's empty batch on this rank (see ``tritonact.sync.EmptyBatch``)."""
@@ -227,9 +244,8 @@ class Stem(nn.Module):
         stride, padding, dilation = (list(pair(v)) for v in (c.stride, c.padding, c.dilation))
         C, values = c.out_channels, 0
         if x.dim() == 4:  # per channel: the batch times the convolution output's height and width
-            values = x.shape[0]
-            for i in (0, 1):
-                values *= (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (c.kernel_size[i] - 1) - 1) // stride[i] + 1
+            oh, ow = conv_hw(x.shape, c.kernel_size, stride, padding, dilation)
+            values = x.shape[0] * oh * ow
         if (
             not bn.training
             or not torch.is_grad_enabled()
@@ -238,17 +254,8 @@ class Stem(nn.Module):
             or (_global_forward_hooks() and not torch.compiler.is_compiling())  # a hook for every module sees conv
         ):
             return self.coded_pool(*self.unit(c(x)))
-        pdt = bn.running_mean.dtype if bn.running_mean is not None else torch.float32
-        gamma = bn.weight if bn.weight is not None else torch.ones(C, device=x.device, dtype=pdt)
-        beta = bn.bias if bn.bias is not None else torch.zeros(C, device=x.device, dtype=pdt)
-        rm = rv = nbt = None
-        if bn.track_running_stats:
-            rm, rv = bn.running_mean, bn.running_var
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                nbt = bn.num_batches_tracked
-        bits = spec.bits or config.bits
-        window = config.effective_window if bits == config.bits else DEFAULT_WINDOW[bits]
+        gamma, beta, rm, rv, nbt = self.unit.bn_args(C, x)
+        bits, window = self.unit.width()
         k, s, p, d = self.coded_pool.geom
         backend = backends.effective(spec.backend)
         out, data, P, invstd, new_rm, new_rv, local, esc = torch.ops.tritonact.stem(
@@ -256,9 +263,7 @@ class Stem(nn.Module):
             k, s, p, d, self.coded_pool.pool.ceil_mode, bits, spec.act, window, config.positive_fraction_for(values),
             backend, config.centroids(bits) and values >= (2 << bits), spec.edge,
         )  # fmt: skip
-        if rm is not None:
-            rm.copy_(new_rm.detach())
-            rv.copy_(new_rv.detach())
+        self.unit.update_stats(rm, rv, new_rm, new_rv)
         if not torch.compiler.is_compiling():
             spec.last_code_bytes = data.nbytes + P.nbytes + esc.nbytes + local.nbytes
             spec.last_full_bytes = values * C * out.element_size()
