@@ -70,7 +70,7 @@ def _stem(
     pool = (kernel, pool_stride, pool_padding, pool_dilation)
     out, idx = F.max_pool2d(a, *pool, ceil_mode=ceil_mode, return_indices=True)
     be = backends.get(backend)
-    local = be.pool_index("local", idx, tuple(a.shape), kernel, pool_stride, pool_padding, pool_dilation)
+    local = be.pool_index("local", idx, tuple(a.shape), *pool)
     kept = pool_index.pack_local(local, kernel)
     if kept is local:  # (a byte per position: an output of its own)
         kept = local.clone()
@@ -84,7 +84,11 @@ def pool_code(data: Tensor, esc: Tensor, idx: Tensor, shape, perm, out: Tensor, 
     packed in ``out``'s memory order."""
     N, C, H, W = shape
     perm_shape = [shape[d] for d in perm]
-    q = unpack_codes(data, bits, math.prod(shape)).view(perm_shape).permute(_inverse(perm)).reshape(N, C, H * W)
+
+    def logical(t):  # a flat tensor in the input's memory order -> (N, C, H * W)
+        return t.view(perm_shape).permute(_inverse(perm)).reshape(N, C, H * W)
+
+    q = logical(unpack_codes(data, bits, math.prod(shape)))
     flat = idx.reshape(N, C, -1)
     operm = memory_order(out)
     pq = torch.gather(q, 2, flat).view(out.shape)
@@ -95,10 +99,6 @@ def pool_code(data: Tensor, esc: Tensor, idx: Tensor, shape, perm, out: Tensor, 
     value = torch.zeros(math.prod(shape), dtype=torch.float64, device=esc.device)
     present = torch.zeros(math.prod(shape), dtype=torch.bool, device=esc.device)
     value[at], present[at] = esc[:, 1], True
-
-    def logical(t):
-        return t.view(perm_shape).permute(_inverse(perm)).reshape(N, C, H * W)
-
     pv = torch.gather(logical(value), 2, flat).view(out.shape)
     keep = torch.gather(logical(present), 2, flat).view(out.shape)
     where = torch.arange(out.numel(), device=esc.device).view([out.shape[d] for d in operm]).permute(_inverse(operm))
