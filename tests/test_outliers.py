@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import tritonact
-from tritonact import escapes, fidelity, outliers, saved_codes
+from tritonact import backends, escapes, fidelity, outliers, saved_codes
 from tritonact import reference as ref
 
 
@@ -221,3 +221,33 @@ def test_a_residual_join_with_an_input_outlier_keeps_its_gradients(backend, join
     before = {n: fidelity.rel_l2(g, exact[n]) for n, g in _grads(model, x, True, **kw).items()}
     for n in ("c1.weight", "b1.weight", "c2.weight", "b2.weight"):
         assert errs[n] < 0.5 * before[n], (n, errs, before)
+
+
+def test_recode_of_a_large_batch_takes_its_statistics_from_the_first_samples(monkeypatch):
+    """Past ``ROBUST_VALUES`` values per channel the robust statistics see the first samples only (here 2 of 8), the
+    escapes every sample: an outlier in the last sample is still escaped exactly. The compiled ``encode`` measures
+    its table over the same samples as the reference (equal codes and grids)."""
+    monkeypatch.setattr(outliers, "ROBUST_VALUES", 2 * 16 * 16)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 4, 16, 16, generator=g)
+    w[7, 2, 5, 5] = 500.0
+    assert outliers.leading(tuple(w.shape), (0, 1, 2, 3), outliers.ROBUST_VALUES) == 2
+    kw = dict(bits=4, act="none", coded="sum", gamma=torch.ones(4), beta=torch.zeros(4), window=3.5, pf=0.75,
+              cent=True)  # fmt: skip
+    data, P, esc = outliers.recode(w, **kw)
+    at = int(((7 * 4 + 2) * 16 + 5) * 16 + 5)
+    assert at in esc[:, 0].long().tolist()
+    dec = ref.decode_value_ref(data, P, 4, tuple(w.shape), (0, 1, 2, 3), "none", esc=esc)[0]
+    assert dec.flatten()[at].item() == 500.0
+    # the grid comes from the first two samples: scaling the others (their range beyond the window either way)
+    # leaves it as it is
+    grids = []
+    for k in (3.0, 4.0):
+        wk = w.clone()
+        wk[2:] *= k
+        grids.append(outliers.recode(wk, **kw)[1][: ref.PARAM_ROWS])
+    assert torch.equal(grids[0], grids[1])
+    compiled_be = backends.get("compiled")
+    if compiled_be.available(torch.device("cpu")):
+        data_c, P_c, esc_c = outliers.recode(w, **{**kw, "encode": compiled_be.encode})
+        assert torch.equal(data_c, data) and torch.equal(P_c, P) and torch.equal(esc_c, esc)
