@@ -251,3 +251,61 @@ def test_recode_of_a_large_batch_takes_its_statistics_from_the_first_samples(mon
     if compiled_be.available(torch.device("cpu")):
         data_c, P_c, esc_c = outliers.recode(w, **{**kw, "encode": compiled_be.encode})
         assert torch.equal(data_c, data) and torch.equal(P_c, P) and torch.equal(esc_c, esc)
+
+
+def _escaped_unit(mode, act, channels_last, seed=0):
+    """A unit's backward arguments (``ops.bn_act._bn_act_backward``'s) whose codes all have escaped values."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (8, 4, 16, 16)
+
+    def t(scale=1.0):
+        x = with_outliers(seed, shape) * scale + torch.randn(shape, generator=g) * 0.1
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    C = shape[1]
+    gamma, beta = torch.tensor([1.0, -0.5, 2.0, 0.7]), torch.tensor([0.1, 0.0, -0.3, 0.2])
+    kw = dict(bits=4, gamma=gamma, beta=beta, window=3.5, pf=0.75, cent=True)
+    coded = "xh" if mode == "plain" else "sum"
+    data, P, esc = outliers.recode(t(), act=act, coded=coded, **kw)
+    a = dict(data=data, P=P, gamma=gamma, beta=beta, invstd=torch.rand(C, generator=g) + 0.5, xdata=None, xP=None,
+             residual=None, res_data=None, res_P=None, res_local=None, res_shape=[], res_perm=[], res_pool=[],
+             res_act="", esc=esc, xesc=None, res_esc=None)  # fmt: skip
+    if mode == "residual":
+        a["residual"] = t(0.5)
+    elif mode == "rcode":
+        a["res_data"], a["res_P"], a["res_esc"] = outliers.recode(t(0.5), act="relu", coded="sum", **kw)
+        a.update(res_shape=list(shape), res_perm=list(ref.memory_order(t())), res_act="relu")
+    elif mode == "xh":
+        a["xdata"], a["xP"], a["xesc"] = outliers.recode(t(2.0), act="none", coded="xh", **kw)
+    perm = list(ref.memory_order(t()))
+    a.update(shape=list(shape), perm=perm, bits=4, act=act, dtype=torch.float32, res_dtype=torch.float32)
+    return t(0.3), a
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize(
+    "mode, act, channels_last",
+    [("plain", "relu", False), ("plain", "relu6", True), ("plain", "none", False), ("residual", "relu", False),
+     ("rcode", "relu", False), ("rcode", "relu", True), ("xh", "relu", False), ("xh", "relu6", True)],
+)  # fmt: skip
+def test_the_compiled_backward_of_escaped_codes_equals_the_reference(mode, act, channels_last, inplace, monkeypatch):
+    """Codes with escapes run the compiled backward with the escaped elements' share added to its sums and their
+    gradients written over (``tritonact.escaped``), not the torch reference: the same gradients (fp32 sums in
+    another order: at most 8.4e-7 of each output's largest value over these cases, measured)."""
+    import importlib
+
+    ob = importlib.import_module("tritonact.ops.bn_act")
+
+    if not backends.get("compiled").available(torch.device("cpu")):
+        pytest.skip("no compiled CPU path")
+    g, a = _escaped_unit(mode, act, channels_last)
+    assert all(escapes.count(a[k]) >= 8 for k in ("esc", "xesc", "res_esc") if a[k] is not None)
+    want = ob._bn_act_backward(g.clone(), **a, backend="torch")
+    monkeypatch.setattr(ref, "unit_backward_ref", None)  # the compiled path must not fall back to it
+    got = ob._bn_act_backward(g.clone(), **a, backend="compiled", inplace=inplace)
+    for name, w_, g_ in zip(("g_y", "g_gamma", "g_beta", "g_res"), want, got):
+        assert w_.shape == g_.shape, name
+        if not w_.numel():
+            continue
+        scale = w_.abs().max().clamp(min=1e-6)
+        assert ((g_ - w_).abs().max() / scale).item() < 1e-5, (name, ((g_ - w_).abs().max() / scale).item())

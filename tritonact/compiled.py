@@ -220,11 +220,12 @@ def decode_act(data, P, bits, shape, perm, act, dtype):
 
 def unit_backward(
     g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual=None, xh_code=None, residual_code=None,
-    inplace=False,
+    inplace=False, extra=None,
 ):  # fmt: skip
     """``reference.unit_backward_ref``, compiled; ``residual_code`` ``(data, P, act)``: the residual given by its
     code (same shape, layout and bits), decoded inside the loop instead of first into an fp32 tensor. ``inplace``
-    as in the reference (``g`` fp32 and dense in ``perm``)."""
+    as in the reference (``g`` fp32 and dense in ``perm``). ``extra``: fp32 ``(2, C)`` added to ``(sum_gzxh,
+    sum_gz)`` before the input gradient uses them (the returned sums are without it; ``tritonact.escaped``)."""
     v3 = layout3(tuple(shape), perm, bits)
     if v3 is None:
         return None
@@ -242,9 +243,11 @@ def unit_backward(
     words = (words3(data, v3, bits), words3(xd, v3, bits) if xd is not None else None)
     xP = None if xP is None else graph_params(xP, v3)
     vecs = (gamma, beta, invstd) if not by_channel(v3[2]) else (channel_strided(t) for t in (gamma, beta, invstd))
-    args = (g3, words[0], graph_params(P, v3), *vecs, r3, words[1], xP)
+    if extra is not None and by_channel(v3[2]):
+        extra = extra.t().contiguous().t()  # (as graph_params: each row's per-channel values together)
+    args = (g3, words[0], graph_params(P, v3), *vecs, r3, words[1], xP, extra)
     tables = (_has_table(P), xP is not None and _has_table(xP))
-    key = (bits, act, mode, ract, inplace, tables, _word_rows(v3, bits), *_cls(v3, g, gamma, r3))
+    key = (bits, act, mode, ract, inplace, tables, extra is not None, _word_rows(v3, bits), *_cls(v3, g, gamma, r3))
     out = _call("backward", key, *args)
     if out is None:
         return None

@@ -254,13 +254,14 @@ def _make_decode_act(bits, act, dtype, table, *_cls):
     return decode_act
 
 
-def _make_backward(bits, act, mode, ract, inplace, tables, *_cls):
-    """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
+def _make_backward(bits, act, mode, ract, inplace, tables, extra, *_cls):
+    """``extra``: the graph takes ``(2, C)`` sums added to ``(sum_gzxh, sum_gz)`` before the input gradient uses
+    them (``tritonact.escaped``). ``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
     same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code).
     ``inplace``: ``g_y`` (a join's ``g_z``) is written into ``g3`` (inductor stores into the input's buffer: no
     activation-sized temporary) and returned as None."""
 
-    def unit_backward(g3, d, P, gamma, beta, invstd, r3, xd, xP):
+    def unit_backward(g3, d, P, gamma, beta, invstd, r3, xd, xP, ex):
         v, mask = _decode3(d, P, bits, act, g3.shape, tables[0])
         g_z = g3.float()
         if act != "none":
@@ -279,7 +280,8 @@ def _make_backward(bits, act, mode, ract, inplace, tables, *_cls):
         sum_gz = g_z.sum(dim=2).sum(dim=0)
         sum_gzxh = (g_z * xh).sum(dim=2).sum(dim=0)
         M = g3.numel() // gamma.numel()
-        g_y = (g_z - _pv(sum_gz / M) - xh * _pv(sum_gzxh / M)) * _pv(gamma * invstd)
+        all_gz, all_gzxh = (sum_gz + ex[1], sum_gzxh + ex[0]) if extra else (sum_gz, sum_gzxh)
+        g_y = (g_z - _pv(all_gz / M) - xh * _pv(all_gzxh / M)) * _pv(gamma * invstd)
         if not inplace:
             return g_y, sum_gzxh, sum_gz, (g_z if mode != "plain" else None)
         if mode == "plain":

@@ -17,6 +17,7 @@ from torch import Tensor
 from tritonact import backends, escapes, outliers, sync
 from tritonact import reference as ref
 from tritonact.quant import memory_order
+from tritonact.escaped import bn_act_backward as escaped_backward
 from tritonact.saved import own, passthrough
 
 __all__ = ["bn_act", "bn_act_backward", "BNActFn", "direct", "DOUBLE_BACKWARD"]
@@ -354,12 +355,18 @@ def _bn_act_backward(
     gamma, beta = gamma.detach().float(), beta.detach().float()
     res_code = _res_code(res_data, res_P, res_local, res_shape, res_perm, res_pool, res_act, bits, res_esc)
     reduce = functools.partial(sync.all_reduce_sums, group) if group else None
-    escaped = any(escapes.count(e) for e in (esc, xesc, res_esc))  # then the torch reference, which reads them
+    escaped = any(escapes.count(e) for e in (esc, xesc, res_esc))
     xh_code = None if xdata is None else (xdata, xP, xesc) if escaped else (xdata, xP)
-    g_y, g_gamma, g_beta, g_res = backends.get("torch" if escaped else backend).bn_act_backward(
-        g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
-        **({"esc": esc, "decoder": backends.get(backend)} if escaped else {}),
-    )  # fmt: skip
+    out = None
+    if escaped and (backend == "triton" or (backend == "compiled" and reduce is None)):
+        args = (g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce)
+        out = escaped_backward(backends.get(backend), *args, esc)
+    if out is None:  # escapes elsewhere: the torch reference, which reads them
+        out = backends.get("torch" if escaped else backend).bn_act_backward(
+            g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
+            **({"esc": esc, "decoder": backends.get(backend)} if escaped else {}),
+        )  # fmt: skip
+    g_y, g_gamma, g_beta, g_res = out
     if g_gamma.untyped_storage().data_ptr() == g_beta.untyped_storage().data_ptr():  # rows of one (2, C) sum
         g_gamma, g_beta = g_gamma.clone(), g_beta.clone()
     g_y = ref.dense_in(g_y, perm, dtype)
