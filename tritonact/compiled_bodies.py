@@ -255,9 +255,10 @@ def _make_decode_act(bits, act, dtype, table, *_cls):
 
 
 def _make_backward(bits, act, mode, ract, inplace, tables, extra, *_cls):
-    """``extra``: the graph takes ``(2, C)`` sums added to ``(sum_gzxh, sum_gz)`` before the input gradient uses
-    them (``tritonact.escaped``). ``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
+    """``mode``: "plain" (xh from the code), "residual" (xh = (s - r - beta) / gamma, ``r`` a tensor), "rcode" (the
     same with ``r`` decoded in-loop from its own code, activation ``ract``), "xh" (xh from a second code).
+    ``extra``: the graph takes ``(2, C)`` sums added to ``(sum_gzxh, sum_gz)`` before the input gradient uses them
+    (``tritonact.escaped``; the sums it returns are without them).
     ``inplace``: ``g_y`` (a join's ``g_z``) is written into ``g3`` (inductor stores into the input's buffer: no
     activation-sized temporary) and returned as None."""
 

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from tritonact import backends, escapes, outliers, sync
 from tritonact import reference as ref
-from tritonact.quant import memory_order
 from tritonact.escaped import bn_act_backward as escaped_backward
+from tritonact.quant import memory_order
 from tritonact.saved import own, passthrough
 
 __all__ = ["bn_act", "bn_act_backward", "BNActFn", "direct", "DOUBLE_BACKWARD"]
