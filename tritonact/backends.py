@@ -97,6 +97,10 @@ class Backend:
         ``outliers.encode_ref``'s (the recode's last step)."""
         return outliers.encode_ref(w, P, bits, act)
 
+    def robust_stats(self, w, head, coded):
+        """``outliers.robust_stats_ref``'s (the recode's first step)."""
+        return outliers.robust_stats_ref(w, head, coded)
+
     def pool_index(self, direction, t, in_shape, kernel, stride, padding, dilation) -> torch.Tensor:
         f = ref.local_index if direction == "local" else ref.global_index
         return f(t, in_shape, kernel, stride, padding, dilation)
@@ -334,18 +338,9 @@ class CompiledBackend(TorchBackend):
 
         if reduce is None and compiled.layout3(tuple(shape), tuple(perm), bits) is not None:  # (one graph: no
             # collective inside it)
-            rc = None
-            if (
-                res_code is not None
-                and res_code.is_unit
-                and (res_code.shape, res_code.perm, res_code.bits)
-                == (
-                    tuple(shape),
-                    tuple(perm),
-                    bits,
-                )
-            ):  # the residual's own code, decoded inside the compiled backward
-                rc = (res_code.data, res_code.P, res_code.act)
+            rc, key = None, (tuple(shape), tuple(perm), bits)
+            if res_code is not None and res_code.is_unit and (res_code.shape, res_code.perm, res_code.bits) == key:
+                rc = (res_code.data, res_code.P, res_code.act)  # the residual's own code, decoded in the graph
             elif res_code is not None:
                 residual = self.decode(res_code, torch.float32)
             out = compiled.unit_backward(
@@ -364,6 +359,11 @@ class CompiledBackend(TorchBackend):
 
         data = compiled.encode(w, P, bits=bits, act=act, perm=memory_order(w))
         return super().encode(w, P, bits, act) if data is None else data
+
+    def robust_stats(self, w, head, coded):
+        from tritonact import compiled
+
+        return compiled.robust_stats(w, head, coded) or super().robust_stats(w, head, coded)
 
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None):
         from tritonact import compiled

@@ -35,8 +35,10 @@ from tritonact import reference as ref
 from tritonact.compiled_bodies import _MAKERS, _encode3, _pv, by_channel  # noqa: F401 (tests use _encode3)
 from tritonact.graphs import Graphs
 from tritonact.quant import _inverse
+from tritonact.quant import memory_order as _perm_of
 
-__all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "encode", "decode_act", "unit_backward", "pool_index"]
+__all__ = ["enabled", "layout3", "forward_xh", "forward_sum", "encode", "robust_stats", "decode_act", "unit_backward",
+           "pool_index"]  # fmt: skip
 
 _R = ref.R
 _CODES_PER_WORD = {8: 1, 4: 8, 2: 4}  # codes per packing word (see ``_pack``): a code count must be a multiple
@@ -158,6 +160,26 @@ def encode(w, P, *, bits, act, perm):
     if _has_table(P):
         _measure(P, w, perm, bits, "sum", act, P[0], P[0])
     return data if data.dtype == torch.uint8 else data.view(torch.uint8).reshape(-1)
+
+
+def robust_stats(w, head, coded):
+    """``Backend.robust_stats`` compiled (``outliers.robust_stats_ref``'s formulas in one graph), or None."""
+    from tritonact import outliers
+
+    perm = tuple(_perm_of(w))
+    v3 = layout3(tuple(head.shape), perm, 8)
+    if v3 is None:
+        return None
+    h3 = view3(head, perm, v3)
+    if 1 < v3[2] < 8:  # rows of a few values: channels innermost is ~5x faster, a copy included ((8, 2048, 4))
+        h3 = h3.transpose(1, 2).reshape(-1, v3[1], 1)
+        v3 = h3.shape
+    key = ("xh" if coded == "xh" else "sum", outliers.ROUNDS, outliers.CLIP, *_cls(v3, head))
+    out = _call("robust_stats", key, h3)
+    if out is None or head.shape[0] == w.shape[0]:
+        return out
+    dims = ref.channel_dims(w)
+    return w.amin(dim=dims), w.amax(dim=dims), out[2], out[3]
 
 
 def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):

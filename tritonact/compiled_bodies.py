@@ -294,6 +294,27 @@ def _make_backward(bits, act, mode, ract, inplace, tables, extra, *_cls):
     return unit_backward
 
 
+def _make_robust_stats(coded, rounds, clip, *_cls):
+    def robust_stats(w3):  # outliers.robust_stats_ref's formulas, each sum over a row first, then over the rows
+        total = lambda t: t.sum(dim=2).sum(dim=0)  # noqa: E731
+        wmin, wmax = w3.amin(dim=2).amin(dim=0), w3.amax(dim=2).amax(dim=0)
+        if coded == "xh":
+            mean, std = torch.zeros_like(wmin), torch.ones_like(wmin)
+        else:
+            M = w3.shape[0] * w3.shape[2]
+            mean = total(w3) / M
+            std = (total((w3 - _pv(mean)).square()) / M).sqrt()
+        for _ in range(rounds):
+            keep = ((w3 - _pv(mean)).abs() <= _pv(clip * std)).float()
+            n = total(keep).clamp(min=1.0)
+            m = total(w3 * keep) / n
+            var = total((w3 - _pv(m)).square() * keep) / n
+            mean, std = m, var.sqrt().clamp(min=1e-12)
+        return wmin, wmax, mean, std
+
+    return robust_stats
+
+
 def _make_pool_index(direction, kernel, stride, padding, dilation, dtype, *_cls):
     f = ref.local_index if direction == "local" else ref.global_index
 
@@ -309,6 +330,7 @@ _MAKERS = {
     "decode_act": _make_decode_act,
     "centroid_stats": _make_centroid_stats,
     "encode": _make_encode,
+    "robust_stats": _make_robust_stats,
     "backward": _make_backward,
     "pool_index": _make_pool_index,
 }

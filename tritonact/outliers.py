@@ -41,7 +41,7 @@ from tritonact import reference as ref
 from tritonact.quant import memory_order
 
 __all__ = ["THRESHOLD", "GENERIC_THRESHOLD", "CLIP", "ROUNDS", "ESCAPE", "CAP", "flagged", "far", "encode_ref",
-           "recode"]  # fmt: skip
+           "robust_stats_ref", "recode"]  # fmt: skip
 
 THRESHOLD = ref.OUTLIER_SIGMAS  # a channel is flagged beyond this many standard deviations from its mean
 CLIP = 4.0  # robust statistics over the values within this many standard deviations of the last estimate,
@@ -114,22 +114,30 @@ def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str) -> torch.T
     return data
 
 
-def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, window: float, pf, cent: bool,
-           edge: float = -1.0, encode=encode_ref):  # fmt: skip
-    """``(data, P, esc)``: the code of ``w`` (fp32, dense in its memory order, channels at dim 1) on robust
-    per-channel statistics, with the values outside the window escaped (see the module docstring); every channel,
-    as an outlier sample leaves channels its values do not flag inflated too. ``coded``, ``gamma``, ``beta``,
-    ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid table (measured as a unit's
-    own); ``encode``: the last step, :func:`encode_ref` or a backend's ``encode``."""
+def robust_stats_ref(w: torch.Tensor, head: torch.Tensor, coded: str):
+    """``(wmin, wmax, mean, std)`` per channel: the range of ``w``, the robust statistics of ``head`` (its first
+    samples, or ``w`` itself; steps 1 of the module docstring). ``Backend.robust_stats``' contract, the reference."""
     dims = ref.channel_dims(w)
-    perm = memory_order(w)
-    head = w[: leading(tuple(w.shape), perm, ROBUST_VALUES)]
     if head.shape[0] == w.shape[0]:
         wmin, wmax, mean, std = _stats(w, coded)
     else:  # the range from every value, the statistics from the first samples
         wmin, wmax = w.amin(dim=dims), w.amax(dim=dims)
         mean, std = _stats(head, coded)[2:]
     mean, std = _robust(head, dims, mean, std)
+    return wmin, wmax, mean, std
+
+
+def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, window: float, pf, cent: bool,
+           edge: float = -1.0, encode=encode_ref, stats=robust_stats_ref):  # fmt: skip
+    """``(data, P, esc)``: the code of ``w`` (fp32, dense in its memory order, channels at dim 1) on robust
+    per-channel statistics, with the values outside the window escaped (see the module docstring); every channel,
+    as an outlier sample leaves channels its values do not flag inflated too. ``coded``, ``gamma``, ``beta``,
+    ``window``, ``pf``, ``edge``: as ``reference.code_params``; ``cent``: with a centroid table (measured as a unit's
+    own); ``encode`` and ``stats``: the backend's steps, :func:`encode_ref` and :func:`robust_stats_ref` or a
+    backend's ``encode`` and ``robust_stats``."""
+    perm = memory_order(w)
+    head = w[: leading(tuple(w.shape), perm, ROBUST_VALUES)]
+    wmin, wmax, mean, std = stats(w, head, coded)
     half = window * std if not math.isinf(window) else torch.full_like(std, math.inf)
     lo, hi = torch.maximum(wmin, mean - half), torch.minimum(wmax, mean + half)
     flat = w.permute(perm).reshape(-1)  # memory order (w is dense in it)

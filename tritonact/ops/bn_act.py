@@ -138,7 +138,7 @@ def _impl(y, gamma, beta, residual, running_mean, running_var, num_batches_track
         out = be.decode_act(data, P, bits, tuple(out.shape), memory_order(out), act, out.dtype, out=out)
     elif (flag := outliers.flagged(P)) | (xflag := outliers.flagged(xP)):  # outliers: coded again, escaped
         grid = dict(bits=bits, gamma=gamma.detach().float(), beta=beta.detach().float(), window=window,
-                    pf=positive_fraction, cent=centroids, encode=be.encode)  # fmt: skip
+                    pf=positive_fraction, cent=centroids, encode=be.encode, stats=be.robust_stats)  # fmt: skip
         xh = None if overwrite else _xh(y, invstd, stats)
         if flag:
             if overwrite:  # (a join without a second code) the sum, before its activation
