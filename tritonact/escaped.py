@@ -40,7 +40,8 @@ def decode_at(data, P, bits: int, shape, perm, act: str, idx: torch.Tensor, esc=
     instead of ``w~``. ``esc``: the code's escaped values, exact at their elements."""
     C = P.shape[1]
     c = escapes.channel_of(idx, shape, perm)
-    p = {name: P[i][c] for i, name in enumerate(ref.ROWS)}
+    rows = P[: ref.PARAM_ROWS, c]  # (one gather for every row)
+    p = {name: rows[i] for i, name in enumerate(ref.ROWS)}
     q = _gather_codes(data, bits, idx)
     t = q.float() - p["nneg"]
     side = torch.sign(t + 0.5).clamp(min=0.0)
@@ -68,8 +69,11 @@ def decode_at(data, P, bits: int, shape, perm, act: str, idx: torch.Tensor, esc=
 
 
 def _flat(t: torch.Tensor, perm):
-    """``t``'s memory-order view and the unravel of flat indices into it (any strides)."""
+    """A view of ``t`` in memory order ``perm`` and a map from flat indices to its indices: flat where ``t`` is
+    dense in that order, else unravelled (any strides)."""
     tp = t.permute(tuple(perm))
+    if tp.is_contiguous():
+        return tp.view(-1), lambda idx: idx
     return tp, lambda idx: tuple(torch.unravel_index(idx, tp.shape))
 
 
