@@ -9,6 +9,7 @@ costs about half as much, and far less when caches are cold, as they are between
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -304,12 +305,23 @@ class _Store:
 
         before = hits()
         try:
-            compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", aot=True)
+            with self._tagged():
+                compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", aot=True)
             blob = compiled.serialize()
         except Exception:
             self.failed = True  # this torch cannot: compile as before, keep nothing
             return None, None
         return (compiled if hits() == before else None), blob
+
+    def _tagged(self):
+        """Inductor's caches of whole graphs keyed by this store's folder too (``cache_key_tag``). Without it a
+        tritonact of other sources, whose graphs are the same, left hits there: a hit's code is kept for its own
+        input only (``_Graph._compile``), so every later process compiled each key again, some 10 s before a
+        resnet50's first step. Where this torch has no tag, hits stay possible and are handled as before."""
+        cfg = torch.compiler.config
+        if not hasattr(cfg, "cache_key_tag"):
+            return contextlib.nullcontext()
+        return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|tritonact-{self.folder().name}")
 
     def entries(self, name: str) -> list[_Graph]:
         """This key's stored graphs (their code not yet loaded)."""
