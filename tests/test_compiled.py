@@ -552,3 +552,24 @@ def test_a_cache_hit_s_code_is_stored_for_its_own_input_only(graph_store, monkey
         for x, y in zip(second(*a), w):
             assert torch.equal(x, y)
     assert len(second.graphs) == 2  # the stored one (small) and a new one (other)
+
+
+def test_two_keys_with_the_same_graph_each_store_it_for_every_input(graph_store):
+    """The centroid statistics of ReLU and of no activation are one graph under two keys. Inductor's whole-graph
+    caches are keyed by the tritonact key too (``cache_key_tag``), so the second key's compilation is no cache hit,
+    whose code would be stored for its own input only and be compiled again by every later process."""
+    if not hasattr(torch.compiler.config, "cache_key_tag"):
+        pytest.skip("this torch has no cache key tag")
+    g = torch.Generator().manual_seed(6)
+
+    def args(outer, inner):
+        return (torch.randn(outer, 8, inner, generator=g), torch.rand(8, ref.PARAM_ROWS, generator=g).t(),
+                torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5)  # fmt: skip
+
+    small, other = args(2, 16), args(3, 24)
+    for act in ("relu", "none"):
+        key = (4, "xh", act, False, False, False, torch.float32)
+        name = f"centroid_stats{key}"
+        graphs.Graphs(name, compiled._MAKERS["centroid_stats"](*key))(*small)
+        (entry,) = graphs._STORE.entries(name)
+        assert entry.accepts(small) and entry.accepts(other), act

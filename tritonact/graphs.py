@@ -169,7 +169,7 @@ class _Graph:
         # 324), so the store keeps it for this input's exact sizes and strides only.
         exact = False
         with torch._inductor.config.patch(_inductor_options()):
-            compiled, blob = _STORE.compile(gm, fakes) if _STORE.on() else (None, None)
+            compiled, blob = _STORE.compile(gm, fakes, name) if _STORE.on() else (None, None)
             if compiled is None:
                 exact = blob is not None
                 with (
@@ -294,7 +294,7 @@ class _Store:
         except Exception:  # a private API moved: no store
             return None
 
-    def compile(self, gm, fakes):
+    def compile(self, gm, fakes, name: str):
         """``(compiled, blob)``: the compiled graph and its serialized code; ``compiled`` is None where the graph must
         be compiled again with inductor's caches off (a cache hit: see ``_Graph._compile``; ``blob`` is then the
         hit's code), ``blob`` None where this torch cannot serialize one."""
@@ -305,7 +305,7 @@ class _Store:
 
         before = hits()
         try:
-            with self._tagged():
+            with self._tagged(name):
                 compiled = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", aot=True)
             blob = compiled.serialize()
         except Exception:
@@ -313,15 +313,16 @@ class _Store:
             return None, None
         return (compiled if hits() == before else None), blob
 
-    def _tagged(self):
-        """Inductor's caches of whole graphs keyed by this store's folder too (``cache_key_tag``). Without it a
-        tritonact of other sources, whose graphs are the same, left hits there: a hit's code is kept for its own
-        input only (``_Graph._compile``), so every later process compiled each key again, some 10 s before a
-        resnet50's first step. Where this torch has no tag, hits stay possible and are handled as before."""
+    def _tagged(self, name: str):
+        """Inductor's caches of whole graphs keyed by this store's folder and the graph's key too
+        (``cache_key_tag``). A hit's code is kept for its own input only (``_Graph._compile``), so a hit made every
+        later process compile that key again (some 10 s before a resnet50's first step). They came from another
+        tritonact's sources, whose graphs are the same, and from another key whose graph is the same (the centroid
+        statistics of ReLU and of no activation). Where this torch has no tag, hits are handled as before."""
         cfg = torch.compiler.config
         if not hasattr(cfg, "cache_key_tag"):
             return contextlib.nullcontext()
-        return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|tritonact-{self.folder().name}")
+        return cfg.patch(cache_key_tag=f"{cfg.cache_key_tag}|tritonact-{self.folder().name}-{_stem(name)}")
 
     def entries(self, name: str) -> list[_Graph]:
         """This key's stored graphs (their code not yet loaded)."""
