@@ -329,3 +329,29 @@ def test_compiled_robust_statistics_equal_the_reference(coded, channels_last, he
     for name, a, b in zip(("min", "max", "mean", "std"), got, want):
         assert torch.allclose(a, b, rtol=2e-6, atol=1e-6), (name, a, b)
     assert got[1][1].item() == 500.0
+
+
+def test_a_recode_escapes_at_most_one_value_in_cap_the_furthest_out(monkeypatch):
+    """More values outside the escape bounds than one per ``CAP`` (a whole sample far out, the statistics from the
+    clean first samples): ``numel / CAP`` of them are escaped (the furthest out in their channel's window units), the
+    others coded on the grid (clipped into the end bin, not left as NaN), on both encoders alike."""
+    monkeypatch.setattr(outliers, "ROBUST_VALUES", 2 * 16 * 16)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 4, 16, 16, generator=g)
+    w[7] = 50.0 + torch.rand(4, 16, 16, generator=g)
+    kw = dict(bits=4, act="none", coded="sum", gamma=torch.ones(4), beta=torch.zeros(4), window=3.5, pf=0.75,
+              cent=True)  # fmt: skip
+    data, P, esc = outliers.recode(w, **kw)
+    cap = w.numel() // outliers.CAP
+    assert esc.shape[0] == cap
+    per = w[0].numel()
+    assert (esc[:, 0] >= 7 * per).all() and torch.equal(esc[:, 1], w.flatten()[esc[:, 0].long()].double())
+    dec = ref.decode_value_ref(data, P, 4, tuple(w.shape), (0, 1, 2, 3), "none", esc=esc)[0]
+    kept = torch.ones(w.numel(), dtype=torch.bool)
+    kept[esc[:, 0].long()] = False
+    top = dec.flatten()[kept].view(-1)[-(w[7].numel() - cap) :]  # sample 7's values that were not escaped
+    assert torch.isfinite(dec).all() and (top > 3.0).all()  # the end bin
+    compiled_be = backends.get("compiled")
+    if compiled_be.available(torch.device("cpu")):
+        got = outliers.recode(w, **kw, encode=compiled_be.encode)
+        assert all(torch.equal(a, b) for a, b in zip(got, (data, P, esc)))

@@ -91,11 +91,12 @@ class Backend:
     def decode_act(self, data, P, bits, shape, perm, act, dtype, out=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode(self, w, P, bits, act) -> torch.Tensor:
+    def encode(self, w, P, bits, act, bounds=None) -> torch.Tensor:
         """The packed codes of ``w`` (fp32, dense in its memory order) under ``P``, whose centroid table (if it has
-        one) is measured over the samples a unit's own sees (``centroids.sample_limit``), NaN values left out:
-        ``outliers.encode_ref``'s (the recode's last step)."""
-        return outliers.encode_ref(w, P, bits, act)
+        one) is measured over the samples a unit's own sees (``centroids.sample_limit``), NaN values left out, and
+        with ``bounds`` the values outside them too (returned with their mask): ``outliers.encode_ref``'s (the
+        recode's last step)."""
+        return outliers.encode_ref(w, P, bits, act, bounds)
 
     def robust_stats(self, w, head, coded):
         """``outliers.robust_stats_ref``'s (the recode's first step)."""
@@ -354,11 +355,11 @@ class CompiledBackend(TorchBackend):
             g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce
         )
 
-    def encode(self, w, P, bits, act):
+    def encode(self, w, P, bits, act, bounds=None):
         from tritonact import compiled
 
-        data = compiled.encode(w, P, bits=bits, act=act, perm=memory_order(w))
-        return super().encode(w, P, bits, act) if data is None else data
+        out = compiled.encode(w, P, bits=bits, act=act, perm=memory_order(w), bounds=bounds)
+        return super().encode(w, P, bits, act, bounds) if out is None else out
 
     def robust_stats(self, w, head, coded):
         from tritonact import compiled

@@ -147,19 +147,29 @@ def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False,
     return out
 
 
-def encode(w, P, *, bits, act, perm):
+def encode(w, P, *, bits, act, perm, bounds=None):
     """``Backend.encode`` compiled: the codes of ``w`` (fp32, dense in ``perm``) under ``P`` and its centroid table
-    (if it has one) from the samples a unit's own sees, NaN values left out; equal to ``outliers.encode_ref``'s."""
+    (if it has one) from the samples a unit's own sees, NaN values left out; equal to ``outliers.encode_ref``'s
+    (``bounds``: also the values outside them, whose mask comes back too)."""
     v3 = layout3(tuple(w.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act == "relu6", _rows_kind(v3, bits), *_cls(v3, w))
-    data = _call("encode", key, view3(w, perm, v3), graph_params(P[: ref.PARAM_ROWS], v3))  # (the table: below)
-    if data is None:
+    lo = hi = None
+    if bounds is not None:
+        lo, hi = (channel_strided(b) if by_channel(v3[2]) else b for b in bounds)  # (see channel_strided)
+    key = (bits, act == "relu6", _rows_kind(v3, bits), bounds is not None, *_cls(v3, w))
+    out = _call("encode", key, view3(w, perm, v3), graph_params(P[: ref.PARAM_ROWS], v3), lo, hi)
+    if out is None:
         return None
-    if _has_table(P):
-        _measure(P, w, perm, bits, "sum", act, P[0], P[0])
-    return data if data.dtype == torch.uint8 else data.view(torch.uint8).reshape(-1)
+    data, outside = out if bounds is not None else (out, None)
+    if _has_table(P):  # the table: over the first samples, the values outside the bounds left out
+        x = w
+        if outside is not None:
+            S = centroids.sample_limit(tuple(w.shape), perm, bits)
+            x = w[:S].clone().masked_fill_(unview3(outside, tuple(w.shape), perm)[:S] > 0, math.nan)
+        _measure(P, x, perm, bits, "sum", act, P[0], P[0])
+    data = data if data.dtype == torch.uint8 else data.view(torch.uint8).reshape(-1)
+    return data if outside is None else (data, outside.reshape(-1))  # (fp32 0/1: its nonzero() is the same)
 
 
 def robust_stats(w, head, coded):

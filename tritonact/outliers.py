@@ -101,17 +101,23 @@ def leading(shape, perm, values: int) -> int:
     return min(shape[0], max(1, -(-values // max(math.prod(shape[2:]), 1))))
 
 
-def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str) -> torch.Tensor:
+def encode_ref(w: torch.Tensor, P: torch.Tensor, bits: int, act: str, bounds=None):
     """The packed codes of ``w`` under ``P``, whose centroid table (if it has one) is measured over the samples a
     unit's own table sees (``centroids.sample_limit``); a NaN value is code 0 and has no share in it
-    (``Backend.encode``'s contract, the reference)."""
+    (``Backend.encode``'s contract, the reference). ``bounds``: per-channel ``(lo, hi)``; the values outside them
+    are coded as NaN too, and ``(codes, outside)`` comes back, ``outside`` a flat bool mask in memory order."""
+    outside = None
+    if bounds is not None:
+        outside = (w < ref.bview(bounds[0], w)) | (w > ref.bview(bounds[1], w))
+        w = w.clone().masked_fill_(outside, math.nan)  # (the out-of-place masked_fill drops channels_last)
     cent = centroids.has_table(P, ref.PARAM_ROWS)
     acc = centroids.new_acc(bits, w.shape[1], w.device) if cent else None
-    S = centroids.sample_limit(tuple(w.shape), memory_order(w), bits)
+    perm = memory_order(w)
+    S = centroids.sample_limit(tuple(w.shape), perm, bits)
     data = ref.encode_ref(w, P, bits, act, acc, S)
     if cent:
         centroids.finish_(P, acc, ref.PARAM_ROWS)
-    return data
+    return data if outside is None else (data, outside.permute(perm).reshape(-1))
 
 
 def robust_stats_ref(w: torch.Tensor, head: torch.Tensor, coded: str):
@@ -143,19 +149,20 @@ def recode(w: torch.Tensor, *, bits: int, act: str, coded: str, gamma, beta, win
     flat = w.permute(perm).reshape(-1)  # memory order (w is dense in it)
     reach = ESCAPE * std  # beyond the window and this: escaped (between them: clipped into the end bins)
     elo, ehi = torch.minimum(lo, mean - reach), torch.maximum(hi, mean + reach)
-    outside = ((w < ref.bview(elo, w)) | (w > ref.bview(ehi, w))).permute(perm).reshape(-1)
-    idx = outside.nonzero().squeeze(1)
-    cap = max(1, w.numel() // CAP)
-    if idx.numel() > cap:  # the furthest out first, in the window's own units
-        c = escapes.channel_of(idx, w.shape, perm)
-        excess = torch.maximum(lo[c] - flat[idx], flat[idx] - hi[c]) / std[c]
-        idx = idx[excess.topk(cap).indices].sort().values
-    vals = flat[idx]
     P = ref.code_params(bits=bits, act=act, wmin=lo, wmax=hi, wmean=mean, wstd=std, gamma=gamma, beta=beta,
                         coded=coded, window=window, positive_fraction=pf, centroids=cent, edge=edge)  # fmt: skip
     P[ref.R["out"]] = 0.0
-    w_enc = w.clone()
-    w_enc.permute(perm).reshape(-1)[idx] = math.nan  # code 0, and no share in the centroid statistics
-    data = encode(w_enc, P, bits, act)
+    # the values outside (elo, ehi) coded as NaN (code 0, no share in the centroid statistics), in the same pass
+    data, outside = encode(w, P, bits, act, bounds=(elo, ehi))
+    idx = outside.nonzero().squeeze(1)
+    cap = max(1, w.numel() // CAP)
+    if idx.numel() > cap:  # the furthest out first, in the window's own units; the others coded on the grid
+        c = escapes.channel_of(idx, w.shape, perm)
+        excess = torch.maximum(lo[c] - flat[idx], flat[idx] - hi[c]) / std[c]
+        idx = idx[excess.topk(cap).indices].sort().values
+        w_enc = w.clone()
+        w_enc.permute(perm).reshape(-1)[idx] = math.nan
+        data = encode(w_enc, P, bits, act)
+    vals = flat[idx]
     esc = torch.stack([idx.double(), vals.double()], dim=1)
     return data, P, esc
