@@ -10,8 +10,8 @@ to 100 in every input channel: conv weight gradient median error 0.28 against 0.
 So the grid (``reference.code_params``) flags a channel whose observed range reaches more than
 :data:`THRESHOLD` standard deviations from its mean (row ``"out"`` of ``P``; a normal variable does so with
 probability ~1e-15; a generic code, ``tritonact.saved``, needs :data:`GENERIC_THRESHOLD`). A code with a flagged
-channel is coded again here, in the same format (the statistics in torch, the codes and centroid table by the
-backend's ``encode``: the compiled graphs on the CPU path, the reference elsewhere), every channel with:
+channel is coded again here, in the same format (the statistics by the backend's ``robust_stats``, the codes and
+centroid table by its ``encode``: the compiled graphs on the CPU path, the reference elsewhere), every channel with:
 
 1. **robust statistics**: mean and std of each channel over its values within :data:`CLIP` standard deviations
    of the last estimate (the plain one first, :data:`ROUNDS` rounds), so the window fits the bulk again; from the
@@ -25,9 +25,9 @@ backend's ``encode``: the compiled graphs on the CPU path, the reference elsewhe
 
 Decoding puts the escaped values back (``escapes.apply_``): their decoded value, mask and activation are exact. A
 convolution's input is decoded by the backend's own decoder and the escaped elements' activations written over it
-(``escapes.apply_act_``, ``Backend.decode``); the unit backward of a code with escapes runs the torch reference
-(``ops.bn_act``). Without them (``esc`` has no rows, the normal case) nothing changes and no backend pays anything
-but the flag row.
+(``escapes.apply_act_``, ``Backend.decode``); the unit backward of a code with escapes runs the backend's own with
+the escaped elements' share corrected (``tritonact.escaped``). Without them (``esc`` has no rows, the normal case)
+nothing changes and no backend pays anything but the flag row.
 """
 
 from __future__ import annotations
