@@ -253,10 +253,9 @@ def test_recode_of_a_large_batch_takes_its_statistics_from_the_first_samples(mon
         assert torch.equal(data_c, data) and torch.equal(P_c, P) and torch.equal(esc_c, esc)
 
 
-def _escaped_unit(mode, act, channels_last, seed=0):
+def _escaped_unit(mode, act, channels_last, seed=0, shape=(8, 4, 16, 16)):
     """A unit's backward arguments (``ops.bn_act._bn_act_backward``'s) whose codes all have escaped values."""
     g = torch.Generator().manual_seed(seed)
-    shape = (8, 4, 16, 16)
 
     def t(scale=1.0):
         x = with_outliers(seed, shape) * scale + torch.randn(shape, generator=g) * 0.1
@@ -355,3 +354,20 @@ def test_a_recode_escapes_at_most_one_value_in_cap_the_furthest_out(monkeypatch)
     if compiled_be.available(torch.device("cpu")):
         got = outliers.recode(w, **kw, encode=compiled_be.encode)
         assert all(torch.equal(a, b) for a, b in zip(got, (data, P, esc)))
+
+
+def test_an_escaped_backward_the_compiled_path_declines_runs_the_reference_on_the_given_gradient():
+    """A shape the compiled graphs do not take (3 x 4 x 7 x 7: 588 codes, not a multiple of 8 at 4 bits) falls back
+    to the reference, which must see the gradient as it came in (the fast path zeroes it at the escaped elements
+    first): the reference's results bit for bit, in place too."""
+    import importlib
+
+    ob = importlib.import_module("tritonact.ops.bn_act")
+    from tritonact import compiled
+
+    g, a = _escaped_unit("plain", "relu", False, shape=(3, 4, 7, 7))
+    assert compiled.layout3(tuple(a["shape"]), tuple(a["perm"]), 4) is None and escapes.count(a["esc"]) >= 4
+    want = ob._bn_act_backward(g.clone(), **a, backend="torch")
+    got = ob._bn_act_backward(g.clone(), **a, backend="compiled", inplace=True)
+    for w_, g_ in zip(want, got):
+        assert torch.equal(w_, g_)
