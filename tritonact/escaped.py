@@ -80,8 +80,12 @@ def _flat(t: torch.Tensor, perm):
 def bn_act_backward(
     be, g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce, esc
 ):
-    """``Backend.bn_act_backward``'s contract on backend ``be`` ("compiled" or "triton") for codes with escapes:
-    ``esc`` the unit's, ``xh_code`` ``(data, P, xesc)``, ``res_code`` a ``CodeRef`` with its ``esc``."""
+    """``Backend.bn_act_backward``'s contract on backend ``be`` for codes with escapes: ``esc`` the unit's,
+    ``xh_code`` ``(data, P, xesc)``, ``res_code`` a ``CodeRef`` with its ``esc``. None where ``be`` cannot take
+    them (the torch backend, whose reference reads escapes itself; the compiled graphs with a ``reduce``, which one
+    graph cannot call between its passes) or does not compile this input; the caller then runs the reference."""
+    if be.name not in ("compiled", "triton") or (be.name == "compiled" and reduce is not None):
+        return None
     shape, perm = tuple(shape), tuple(perm)
     xesc = xh_code[2] if xh_code is not None and len(xh_code) > 2 else None
     xh_code = None if xh_code is None else tuple(xh_code[:2])

@@ -358,10 +358,10 @@ def _bn_act_backward(
     escaped = any(escapes.count(e) for e in (esc, xesc, res_esc))
     xh_code = None if xdata is None else (xdata, xP, xesc) if escaped else (xdata, xP)
     out = None
-    if escaped and (backend == "triton" or (backend == "compiled" and reduce is None)):
+    if escaped:  # on the backend's own backward where it can take them (None: it cannot)
         args = (g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce)
         out = escaped_backward(backends.get(backend), *args, esc)
-    if out is None:  # escapes elsewhere: the torch reference, which reads them
+    if out is None:  # else the torch reference, which reads them
         out = backends.get("torch" if escaped else backend).bn_act_backward(
             g, data, P, bits, shape, perm, act, gamma, beta, invstd, residual, xh_code, res_code, inplace, reduce,
             **({"esc": esc, "decoder": backends.get(backend)} if escaped else {}),
