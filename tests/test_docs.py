@@ -41,7 +41,7 @@ def test_the_docs_have_code_blocks():
     assert len(list(_blocks())) >= 6
 
 
-@pytest.mark.parametrize("code", _blocks())
+@pytest.mark.parametrize("code", list(_blocks()))  # (a generator is deprecated by pytest)
 def test_code_block_runs(code, capsys):
     namespace = _names()
     exec(compile(code, "<doc block>", "exec"), namespace)
