@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from tritonact import centroids
+from tritonact import centroids, outliers
 from tritonact import reference as ref
 from tritonact.compiled_bodies import _MAKERS, _encode3, _pv, by_channel  # noqa: F401 (tests use _encode3)
 from tritonact.graphs import Graphs
@@ -174,8 +174,6 @@ def encode(w, P, *, bits, act, perm, bounds=None):
 
 def robust_stats(w, head, coded):
     """``Backend.robust_stats`` compiled (``outliers.robust_stats_ref``'s formulas in one graph), or None."""
-    from tritonact import outliers
-
     perm = tuple(_perm_of(w))
     v3 = layout3(tuple(head.shape), perm, 8)
     if v3 is None:
