@@ -65,3 +65,36 @@ def test_kernel_bf16_channels_last(benchmark, kernel, smoke, device):
     benchmark.group = f"kernel {kernel} {'x'.join(map(str, shape))} bf16-cl {device}"
     benchmark.extra_info.update(kernel=kernel, bits=4, shape=list(shape), dtype="bfloat16", channels_last=True)
     bench_call(benchmark, case.fn, device, case.nbytes)
+
+
+# resnet50's 1x1 convolutions at 8 x 64x64: (N, C_in, H, W, C_out) of the last stage (2x2 planes), stage 3 (4x4),
+# stage 2 (8x8) and stage 1 (16x16)
+POINTWISE = [(8, 2048, 2, 2, 512), (8, 1024, 4, 4, 256), (8, 512, 8, 8, 128), (8, 256, 16, 16, 64)]
+
+
+@pytest.mark.parametrize("way", ["gemm", "convolution_backward"])
+@pytest.mark.parametrize("shape", POINTWISE, ids=lambda s: "x".join(map(str, s)))
+def test_pointwise_conv_backward(benchmark, way, shape, smoke, device):
+    """A 1x1 convolution's input and weight gradients: the coded conv's matrix products over the whole batch
+    (``tritonact.ops.coded``, used up to ``SMALL_PLANE`` positions a plane) against PyTorch's own backward."""
+    from tritonact.ops.coded import _gemm_input_grad, _gemm_weight_grad
+
+    N, Ci, H, W, Co = (2, 16, *shape[2:4], 8) if smoke else shape
+    x = torch.randn(N, Ci, H, W, device=device)
+    w = torch.randn(Co, Ci, 1, 1, device=device)
+    g = torch.randn(N, Co, H, W, device=device)
+
+    def torch_backward():
+        args = (None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+        return torch.ops.aten.convolution_backward(g, x, w, *args)[:2]
+
+    def gemm():
+        return _gemm_input_grad(g, w).contiguous(), _gemm_weight_grad(g, x)
+
+    fn = gemm if way == "gemm" else torch_backward
+    (gi, gw), want = fn(), torch_backward()
+    for got, exp in ((gi, want[0]), (gw, want[1])):  # (fp32 sums in another order)
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5 * exp.abs().max().item())
+    benchmark.group = f"pointwise conv backward {'x'.join(map(str, shape))} {device}"
+    benchmark.extra_info.update(way=way, shape=list(shape))
+    bench_call(benchmark, fn, device, 4 * (x.numel() + g.numel() * 2 + w.numel() * 2))

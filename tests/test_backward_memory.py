@@ -323,7 +323,8 @@ class _BackwardPeak(TorchDispatchMode):
 
     def __init__(self, model):
         super().__init__()
-        self.skip = {tuple(p.shape) for p in model.parameters()}
+        # (a 1x1 convolution's weight gradient can be made as a matrix, tritonact.ops.coded._gemm_weight_grad)
+        self.skip = {s for p in model.parameters() for s in (tuple(p.shape), (p.shape[0], p[0].numel()))}
         self.live, self.now, self.peak = set(), 0, 0
 
     def _free(self, key, nbytes):

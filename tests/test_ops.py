@@ -17,6 +17,7 @@ from tritonact import compiled
 from tritonact import reference as ref
 from tritonact.fidelity import rel_l2
 from tritonact.ops import DOUBLE_BACKWARD
+from tritonact.ops.coded import SMALL_PLANE
 from tritonact.quant import memory_order
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,36 +77,41 @@ def test_conv_pool_and_decode_ops_pass_opcheck():
 
 
 @pytest.mark.parametrize(
-    "k,stride,pad,channels_last",
-    [(3, 1, 1, False), (1, 1, 0, False), (1, 1, 0, True), (1, 2, 0, False), (3, 2, 1, True)],
-    ids=["3x3", "1x1", "1x1-cl", "1x1-stride2", "3x3-stride2-cl"],
-)
-def test_conv_op_gradients_come_from_the_code(k, stride, pad, channels_last):
+    "k,stride,pad,channels_last,hw",
+    [(3, 1, 1, False, 7), (1, 1, 0, False, 7), (1, 1, 0, False, 9), (1, 1, 0, True, 7), (1, 2, 0, False, 7),
+     (3, 2, 1, True, 7)],
+    ids=["3x3", "1x1-gemm", "1x1", "1x1-cl", "1x1-stride2", "3x3-stride2-cl"],
+)  # fmt: skip
+def test_conv_op_gradients_come_from_the_code(k, stride, pad, channels_last, hw):
     """The weight gradient is computed from the decoded code, the input gradient exactly (a 1x1, stride-1
-    convolution's as a convolution by W^T, the others' as a transposed convolution); nothing saves ``x``."""
+    convolution's as one matrix product over the batch on planes of at most ``SMALL_PLANE`` positions, else as a
+    convolution by W^T; the others' as a transposed convolution); nothing saves ``x``."""
+    assert (hw * hw <= SMALL_PLANE) == (hw == 7)  # the ids above say which path each case takes
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.randn(2, 4, 7, 7).contiguous(memory_format=fmt)
+    y = torch.randn(2, 4, hw, hw).contiguous(memory_format=fmt)
     a, data, P = _code_of(y, nn.BatchNorm2d(4))
     perm = list(memory_order(a))
     a_dec = ref.decode_act_ref(data, P, 4, tuple(a.shape), tuple(perm), "relu", torch.float32)
     w = torch.randn(3, 4, k, k, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
     x = a.clone().requires_grad_()
     with tritonact.SavedTensorCounter() as c:
-        out = torch.ops.tritonact.conv2d(x, w, None, [stride] * 2, [pad] * 2, [1, 1], 1, data, P, None,
+        out = torch.ops.tritonact.conv2d(x, w, b, [stride] * 2, [pad] * 2, [1, 1], 1, data, P, None,
                                          list(a.shape), perm, 4, "relu", [], "torch")  # fmt: skip
     assert c.nbytes == w.nbytes + data.nbytes + P.nbytes  # the weight and the code, not x
-    conv = lambda inp, wt: nn.functional.conv2d(inp, wt, stride=stride, padding=pad)  # noqa: E731
+    conv = lambda inp, wt, bt=b: nn.functional.conv2d(inp, wt, bt, stride=stride, padding=pad)  # noqa: E731
     torch.testing.assert_close(out, conv(a, w), rtol=0, atol=0)
     g = torch.randn_like(out)
-    gx, gw = torch.autograd.grad(out, (x, w), g)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
     want_gw = torch.autograd.grad(conv(a_dec, w), w, g)[0]  # from the decoded activation
     exact_gw = torch.autograd.grad(conv(a, w), w, g)[0]
     torch.testing.assert_close(gw, want_gw)
     assert not torch.allclose(gw, exact_gw)  # the code, not the exact input, was used
     xe = a.clone().requires_grad_()
     torch.testing.assert_close(gx, torch.autograd.grad(conv(xe, w), xe, g)[0])
-    assert gx.shape == x.shape
+    torch.testing.assert_close(gb, g.sum((0, 2, 3)))
+    assert gx.shape == x.shape and gx.stride() == x.stride()
 
 
 def _tiny_resnet():
