@@ -98,3 +98,33 @@ def test_pointwise_conv_backward(benchmark, way, shape, smoke, device):
     benchmark.group = f"pointwise conv backward {'x'.join(map(str, shape))} {device}"
     benchmark.extra_info.update(way=way, shape=list(shape))
     bench_call(benchmark, fn, device, 4 * (x.numel() + g.numel() * 2 + w.numel() * 2))
+
+
+# resnet50's strided 1x1 convolutions (the downsamples of stages 2-4) at 16 x 128x128 and 8 x 64x64: (N, C_in, H, W,
+# C_out), stride 2
+STRIDED = [(16, 256, 32, 32, 512), (16, 512, 16, 16, 1024), (16, 1024, 8, 8, 2048), (8, 256, 16, 16, 512),
+           (8, 512, 8, 8, 1024), (8, 1024, 4, 4, 2048)]  # fmt: skip
+
+
+@pytest.mark.parametrize("way", ["coded", "conv_transpose2d"])
+@pytest.mark.parametrize("shape", STRIDED, ids=lambda s: "x".join(map(str, s)))
+def test_strided_pointwise_input_grad(benchmark, way, shape, smoke, device):
+    """A stride-2 1x1 convolution's input gradient: the coded conv's (``ops.coded.pointwise_input_grad``: ``W^T g``
+    placed at the positions the convolution read) against ``conv_transpose2d``, which it replaced."""
+    from tritonact.ops.coded import pointwise_input_grad
+
+    N, Ci, H, W, Co = (2, 16, 8, 8, 8) if smoke else shape
+    w = torch.randn(Co, Ci, 1, 1, device=device)
+    g = torch.randn(N, Co, (H + 1) // 2, (W + 1) // 2, device=device)
+    out_pad = [H - 2 * (g.shape[2] - 1) - 1, W - 2 * (g.shape[3] - 1) - 1]
+
+    def fn():
+        if way == "coded":
+            return pointwise_input_grad(g, w, [2, 2], [Ci, H, W])
+        return torch.nn.functional.conv_transpose2d(g, w, None, 2, 0, out_pad)
+
+    want = torch.nn.functional.conv_transpose2d(g, w, None, 2, 0, out_pad)
+    torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())  # (sums in another order)
+    benchmark.group = f"strided 1x1 input grad {'x'.join(map(str, shape))} {device}"
+    benchmark.extra_info.update(way=way, shape=list(shape))
+    bench_call(benchmark, fn, device, 4 * (g.numel() + N * Ci * H * W + w.numel()))

@@ -325,6 +325,7 @@ class _BackwardPeak(TorchDispatchMode):
         super().__init__()
         # (a 1x1 convolution's weight gradient can be made as a matrix, tritonact.ops.coded._gemm_weight_grad)
         self.skip = {s for p in model.parameters() for s in (tuple(p.shape), (p.shape[0], p[0].numel()))}
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}  # (and views of the weights)
         self.live, self.now, self.peak = set(), 0, 0
 
     def _free(self, key, nbytes):
@@ -336,7 +337,7 @@ class _BackwardPeak(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and tuple(t.shape) not in self.skip:
                 st = t.untyped_storage()
-                if st._cdata not in self.live:
+                if st._cdata not in self.live and st._cdata not in self.params:
                     self.live.add(st._cdata)
                     self.now += st.nbytes()
                     weakref.finalize(st, self._free, st._cdata, st.nbytes())

@@ -18,6 +18,7 @@ from tritonact import reference as ref
 from tritonact.fidelity import rel_l2
 from tritonact.ops import DOUBLE_BACKWARD
 from tritonact.ops.coded import SMALL_PLANE
+from tritonact.ops.coded import _gemm_input_grad as _GEMM_INPUT_GRAD
 from tritonact.quant import memory_order
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +80,19 @@ def test_conv_pool_and_decode_ops_pass_opcheck():
 @pytest.mark.parametrize(
     "k,stride,pad,channels_last,hw",
     [(3, 1, 1, False, 7), (1, 1, 0, False, 7), (1, 1, 0, False, 9), (1, 1, 0, True, 7), (1, 2, 0, False, 7),
-     (3, 2, 1, True, 7)],
-    ids=["3x3", "1x1-gemm", "1x1", "1x1-cl", "1x1-stride2", "3x3-stride2-cl"],
+     (1, 2, 0, False, 19), (1, 2, 0, True, 7), (3, 2, 1, True, 7)],
+    ids=["3x3", "1x1-gemm", "1x1", "1x1-cl", "1x1-stride2-gemm", "1x1-stride2", "1x1-stride2-cl", "3x3-stride2-cl"],
 )  # fmt: skip
-def test_conv_op_gradients_come_from_the_code(k, stride, pad, channels_last, hw):
-    """The weight gradient is computed from the decoded code, the input gradient exactly (a 1x1, stride-1
-    convolution's as one matrix product over the batch on planes of at most ``SMALL_PLANE`` positions, else as a
-    convolution by W^T; the others' as a transposed convolution); nothing saves ``x``."""
-    assert (hw * hw <= SMALL_PLANE) == (hw == 7)  # the ids above say which path each case takes
+def test_conv_op_gradients_come_from_the_code(k, stride, pad, channels_last, hw, request, monkeypatch):
+    """The weight gradient is computed from the decoded code, the input gradient exactly (a 1x1 convolution's as
+    one matrix product over the batch where its output planes hold at most ``SMALL_PLANE`` positions, else as a
+    convolution by W^T, placed at the positions a strided one read; the others' as a transposed convolution);
+    nothing saves ``x``."""
+    from tritonact.ops import coded
+
+    gemms = []
+    monkeypatch.setattr(coded, "_gemm_input_grad", lambda *a: gemms.append(1) or _GEMM_INPUT_GRAD(*a))
+    assert (((hw + stride - 1) // stride) ** 2 <= SMALL_PLANE) == (hw == 7)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.randn(2, 4, hw, hw).contiguous(memory_format=fmt)
@@ -111,7 +117,8 @@ def test_conv_op_gradients_come_from_the_code(k, stride, pad, channels_last, hw)
     xe = a.clone().requires_grad_()
     torch.testing.assert_close(gx, torch.autograd.grad(conv(xe, w), xe, g)[0])
     torch.testing.assert_close(gb, g.sum((0, 2, 3)))
-    assert gx.shape == x.shape and gx.stride() == x.stride()
+    assert gx.shape == x.shape and (gx.stride() == x.stride() or stride > 1)
+    assert bool(gemms) == ("gemm" in request.node.callspec.id)  # the path the id names ran
 
 
 def _tiny_resnet():

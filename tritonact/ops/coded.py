@@ -133,25 +133,27 @@ def _conv_backward(ctx, g, into: Tensor | None = None):
     want_b = ctx.bias_sizes is not None and need[2]
 
     def backward(g, x, mask):
-        if gemm:
-            gi = _gemm_input_grad(g, w).contiguous() if mask[0] else None
-            return gi, _gemm_weight_grad(g, x) if mask[1] else None, g.sum((0, 2, 3)) if mask[2] else None
+        if gemm:  # (a strided 1x1 convolution reads the input at its output's positions only)
+            gi = input_grad(g) if mask[0] else None
+            gw = None
+            if mask[1]:  # (in the weight's strides: a channels_last 1x1 weight differs in its size-1 dims)
+                gw = _gemm_weight_grad(g, x[:, :, :: stride[0], :: stride[1]]).as_strided(w.shape, w.stride())
+            return gi, gw, g.sum((0, 2, 3)) if mask[2] else None
         return torch.ops.aten.convolution_backward(
             g, x, w, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
         )
 
     def input_grad(g):  # needs no input: the transposed convolution (convolution_backward would copy a placeholder)
-        if gemm:
-            return _gemm_input_grad(g, w).contiguous()
-        if pointwise:  # W^T, a 1x1 convolution: the CPU runs it as one matrix product, conv_transpose2d takes its
-            return F.conv2d(g, w_t)  # slow path there (resnet50, 8 x 64x64: 5.0 ms a call, against 2.5)
-        x_shape = pool_shape(code_shape, pool) if local is not None else code_shape
+        if pointwise:
+            return pointwise_input_grad(g, w, stride, x_shape[1:], w_t)
         least = [(g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + 1
                  for i in (0, 1)]  # fmt: skip
         pad = [x_shape[2 + i] - least[i] for i in (0, 1)]
         return F.conv_transpose2d(g, w, None, stride, padding, pad, groups, dilation)
 
-    pointwise = tuple(w.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0] and groups == 1
+    x_shape = pool_shape(code_shape, pool) if local is not None else code_shape
+    pointwise = tuple(w.shape[2:]) == (1, 1) and list(padding) == [0, 0] and groups == 1
+    pointwise = pointwise and (list(stride) == [1, 1] or g.is_contiguous())  # (strided: NCHW gradients)
     gemm = pointwise and _by_gemm(g, w)
     w_t = w.transpose(0, 1).contiguous() if pointwise and not gemm else None  # (once, not in every chunk's call)
     decode_op = _decode if direct() else torch.ops.tritonact.decode
@@ -200,6 +202,24 @@ conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 # (perf/bench_kernels.py -k pointwise): 2x2 planes (2048 -> 512 channels) 2.67 ms against convolution_backward's
 # 31.6, 4x4 1.58 against 3.05, 8x8 1.52 against 1.83, 16x16 2.11 against 1.97.
 SMALL_PLANE = 64
+
+
+def pointwise_input_grad(g: Tensor, w: Tensor, stride, x_chw, w_t: Tensor | None = None) -> Tensor:
+    """The input gradient of a 1x1 convolution without padding (input ``(N, *x_chw)``; strided: ``g`` NCHW):
+    ``W^T g`` by one matrix product over the batch (:data:`SMALL_PLANE`) or as a convolution by ``W^T``
+    (``w_t``: ``W^T`` made contiguous once; on the CPU ``conv_transpose2d`` takes a slow path for 1x1 convolutions,
+    5.0 ms a call at resnet50 8 x 64x64 against 2.5). Strided: ``W^T g`` at the positions the convolution read,
+    zeros elsewhere (``conv_transpose2d``: 47.5 ms against 14.5 for resnet50's layer2 downsample at 16 x 128x128,
+    perf/bench_kernels.py -k strided)."""
+    if _by_gemm(g, w):
+        gi = _gemm_input_grad(g, w).contiguous()
+    else:
+        gi = F.conv2d(g, w_t if w_t is not None else w.transpose(0, 1).contiguous())
+    if list(stride) == [1, 1]:
+        return gi
+    full = g.new_zeros([g.shape[0], *x_chw])
+    full[:, :, :: stride[0], :: stride[1]] = gi
+    return full
 
 
 def _by_gemm(g: Tensor, w: Tensor) -> bool:
