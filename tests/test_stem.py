@@ -70,27 +70,36 @@ def test_stem_leaves_every_later_gradient_bit_identical_and_its_own_exact(bits, 
 
 
 class _StemNet(nn.Module):
-    def __init__(self, size=32):
+    def __init__(self, size=32, act=F.relu):
         super().__init__()
+        self.act = act
         self.conv = nn.Conv2d(3, 16, 5, stride=2, padding=2, bias=True)
         self.bn = nn.BatchNorm2d(16)
         self.pool = nn.MaxPool2d(3, 2, 1)
         self.fc = nn.Linear(16 * (size // 4) ** 2, 10)
 
     def forward(self, x):
-        return self.fc(self.pool(F.relu(self.bn(self.conv(x)))).flatten(1))
+        return self.fc(self.pool(self.act(self.bn(self.conv(x)))).flatten(1))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_a_stem_whose_pool_output_is_kept_exactly_trains_exactly(channels_last, chunked, monkeypatch):
+@pytest.mark.parametrize("variant", ["relu", "relu6", "negative-gamma", "negative-gamma-relu6"])
+def test_a_stem_whose_pool_output_is_kept_exactly_trains_exactly(channels_last, chunked, variant, monkeypatch):
     """Nothing but the stem is approximate (the linear layer keeps the pool's output: ``generic=False``): every
     gradient equals the exact model's to float rounding, where the stem without recomputation is 2-bit coarse.
-    ``chunked``: the backward works through the batch a sample at a time (16 x 16 x 16 values per sample)."""
+    ``chunked``: the backward works through the batch a sample at a time (16 x 16 x 16 values per sample).
+    ``variant``: the activation, and some channels' gamma negative (the activation's test on the normalized input
+    flips there; without any, the backward takes a shorter test)."""
     if chunked:
         monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 16 * 16 * 16)
     torch.manual_seed(1)
-    model = _StemNet()
+    model = _StemNet(act=F.relu6 if variant.endswith("relu6") else F.relu)
+    with torch.no_grad():
+        if variant.startswith("negative"):
+            model.bn.weight[::3] = -0.5
+        model.bn.weight.mul_(3.0)  # (values past 6 for relu6)
+        model.bn.bias.uniform_(-1.0, 1.0)
     x, t = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)

