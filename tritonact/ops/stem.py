@@ -183,13 +183,13 @@ def _backward(ctx, g, *_):
             if hi is not None:
                 passes.logical_and_(torch.lt(z, ref.bview(hi, z)).logical_xor_(ref.bview(gm < 0, z)))
             gz.masked_fill_(passes.logical_not_(), 0.0)
-        elif lo is not None:  # no negative gamma (the usual case): two ops fewer (0.73 against 1.24 ms a chunk of
-            # 64 x 64 x 64 at resnet50's stem, one thread)
+        elif lo is not None:  # no negative gamma (the usual case): ReLU's own backward on xh - lo (> 0 exactly
+            # where xh > lo), no bool masks (a chunk of 64 x 64 x 64 at resnet50's stem, one thread: 0.10 ms against
+            # 1.24 with the masks)
             z = xh[n0:n1]
-            stops = torch.le(z, ref.bview(lo, z))
+            gz = torch.ops.aten.threshold_backward(gz, z - ref.bview(lo, z), 0.0)
             if hi is not None:
-                stops.logical_or_(torch.ge(z, ref.bview(hi, z)))
-            gz.masked_fill_(stops, 0.0)
+                gz = torch.ops.aten.threshold_backward(gz, ref.bview(hi, z) - z, 0.0)
         return gz
 
     # a quarter of the CPU path's chunk: these temporaries come on top of the BN's whole normalized input
