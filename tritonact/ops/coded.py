@@ -151,9 +151,16 @@ def _conv_backward(ctx, g, into: Tensor | None = None):
         pad = [x_shape[2 + i] - least[i] for i in (0, 1)]
         return F.conv_transpose2d(g, w, None, stride, padding, pad, groups, dilation)
 
+    def add_input_grad(dst, g):  # dst += g's input gradient (a strided 1x1 convolution's: where it read, no zeros)
+        if pointwise and list(stride) != [1, 1]:
+            dst[:, :, :: stride[0], :: stride[1]].add_(pointwise_input_grad(g, w, [1, 1], None, w_t))
+            return dst
+        return dst.add_(input_grad(g))
+
     x_shape = pool_shape(code_shape, pool) if local is not None else code_shape
     pointwise = tuple(w.shape[2:]) == (1, 1) and list(padding) == [0, 0] and groups == 1
-    pointwise = pointwise and (list(stride) == [1, 1] or g.is_contiguous())  # (strided: NCHW gradients)
+    # (strided: NCHW gradients, CPU only: measured there, the GPU keeps conv_transpose2d until it is measured)
+    pointwise = pointwise and (list(stride) == [1, 1] or (g.is_contiguous() and g.device.type == "cpu"))
     gemm = pointwise and _by_gemm(g, w)
     w_t = w.transpose(0, 1).contiguous() if pointwise and not gemm else None  # (once, not in every chunk's call)
     decode_op = _decode if direct() else torch.ops.tritonact.decode
@@ -166,12 +173,12 @@ def _conv_backward(ctx, g, into: Tensor | None = None):
         if need[0] and (need[1] or want_b):  # the decoded input is gone before the input gradient is made
             _, gw, gb = backward(g, a, [False, need[1], want_b])
             del a
-            gi = input_grad(g)
+            gi = add_input_grad(into, g) if into is not None else input_grad(g)
         else:
             gi, gw, gb = backward(g, a, [need[0], need[1], want_b])
             del a
-        if into is not None:
-            gi = into.add_(gi)
+            if into is not None:
+                gi = into.add_(gi)
     else:  # the decoded input lives a few samples at a time: the weight gradient is summed over sample chunks
         for n0, n1, b0, b1 in chunks if need[1] or want_b or into is not None else ():
             if need[1] or want_b:
@@ -184,7 +191,7 @@ def _conv_backward(ctx, g, into: Tensor | None = None):
                 gw = gw_c if gw is None else gw.add_(gw_c)
                 gb = gb_c if gb is None else gb.add_(gb_c)
             if into is not None:
-                into[n0:n1].add_(input_grad(g[n0:n1]))
+                add_input_grad(into[n0:n1], g[n0:n1])
         gi = into if into is not None else input_grad(g) if need[0] else None
     return (
         gi.to(ctx.x_dtype) if gi is not None else None,
@@ -223,7 +230,9 @@ def pointwise_input_grad(g: Tensor, w: Tensor, stride, x_chw, w_t: Tensor | None
 
 
 def _by_gemm(g: Tensor, w: Tensor) -> bool:
-    return g.dim() == 4 and g.shape[2] * g.shape[3] <= SMALL_PLANE and g.is_contiguous() and w.is_contiguous()
+    """Whether a 1x1 convolution's gradients are one matrix product (CPU only: measured there)."""
+    small = g.dim() == 4 and g.shape[2] * g.shape[3] <= SMALL_PLANE
+    return small and g.device.type == "cpu" and g.is_contiguous() and w.is_contiguous()
 
 
 def _gemm_input_grad(g: Tensor, w: Tensor) -> Tensor:
