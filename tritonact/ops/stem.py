@@ -183,13 +183,14 @@ def _backward(ctx, g, *_):
             if hi is not None:
                 passes.logical_and_(torch.lt(z, ref.bview(hi, z)).logical_xor_(ref.bview(gm < 0, z)))
             gz.masked_fill_(passes.logical_not_(), 0.0)
-        elif lo is not None:  # no negative gamma (the usual case): ReLU's own backward on xh - lo (> 0 exactly
-            # where xh > lo), no bool masks (a chunk of 64 x 64 x 64 at resnet50's stem, one thread: 0.10 ms against
-            # 1.24 with the masks)
+        elif lo is not None:  # no negative gamma (the usual case): one comparison and a product, no float
+            # temporary (a chunk of 64 x 64 x 64 at resnet50's stem, one thread: masked_fill_ with a broadcast bool
+            # mask 0.64 ms, the product 0.18; the test above 1.24 ms in all)
             z = xh[n0:n1]
-            gz = torch.ops.aten.threshold_backward(gz, z - ref.bview(lo, z), 0.0)
+            passes = torch.gt(z, ref.bview(lo, z))
             if hi is not None:
-                gz = torch.ops.aten.threshold_backward(gz, ref.bview(hi, z) - z, 0.0)
+                passes.logical_and_(torch.lt(z, ref.bview(hi, z)))
+            gz.mul_(passes)
         return gz
 
     # a quarter of the CPU path's chunk: these temporaries come on top of the BN's whole normalized input
