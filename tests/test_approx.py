@@ -434,6 +434,43 @@ def test_maxpool_window_index_round_trip(geom, dtype):
     assert torch.equal(ref.global_index(local, shape, kernel, stride, padding, dilation, dtype), idx)
 
 
+@pytest.mark.parametrize("channels", [3, 16, 40])
+@pytest.mark.parametrize(
+    "geom",
+    [
+        ((3, 3), (2, 2), (1, 1), (1, 1), False),
+        ((2, 2), (2, 2), (0, 0), (1, 1), True),
+        ((3, 2), (1, 2), (1, 0), (2, 1), False),
+        ((3, 3), (2, 2), (0, 0), (1, 1), True),
+    ],
+)
+def test_pool_with_indices_is_max_pool2d_bit_for_bit(geom, channels, monkeypatch):
+    """The pool the ops run (a channels_last copy from 16 channels on) gives max_pool2d's output and argmax exactly:
+    with ties (ReLU zeros, repeated values), NaN, -inf and padding. A spy checks which kernel ran."""
+    from tritonact.ops import coded
+
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, 13, 11).relu_()
+    x[:, :, 2:6, 3:7] = 0.5  # windows whose maximum occurs several times
+    x[0, 1, 4, 4] = x[1, 2, 7, 2] = float("nan")
+    x[2, 0] = float("-inf")  # a whole plane: every window's maximum is -inf
+    kernel, stride, padding, dilation, ceil = geom
+    want_out, want_idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+    seen = []
+    real = F.max_pool2d
+
+    def spy(t, *a, **k):
+        seen.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(coded.F, "max_pool2d", spy)
+    out, idx = coded.pool_with_indices(x, kernel, stride, padding, dilation, ceil)
+    assert seen == [channels >= 16]
+    assert out.is_contiguous() and idx.is_contiguous()
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3), (5, 5)])
 @pytest.mark.parametrize("in_width", [21, 23, 25])  # output widths 11, 12, 13 (10, 11, 12 for the 5x5 kernel)
 @pytest.mark.parametrize("channels_last", [False, True])

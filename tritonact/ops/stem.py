@@ -20,7 +20,7 @@ from torch import Tensor
 from tritonact import backends, escapes, pool_index
 from tritonact import reference as ref
 from tritonact.ops.bn_act import DOUBLE_BACKWARD, _impl
-from tritonact.ops.coded import _max_pool2d_backward
+from tritonact.ops.coded import _max_pool2d_backward, pool_with_indices
 from tritonact.quant import _inverse, memory_order, pack_codes, unpack_codes
 from tritonact.saved import own, passthrough
 
@@ -68,7 +68,7 @@ def _stem(
     )  # fmt: skip
     del y
     pool = (kernel, pool_stride, pool_padding, pool_dilation)
-    out, idx = F.max_pool2d(a, *pool, ceil_mode=ceil_mode, return_indices=True)
+    out, idx = pool_with_indices(a, *pool, ceil_mode)
     be = backends.get(backend)
     local = be.pool_index("local", idx, tuple(a.shape), *pool)
     kept = pool_index.pack_local(local, kernel)
