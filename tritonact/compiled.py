@@ -227,14 +227,13 @@ def _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S):
     centroids.finish_(P, acc, ref.PARAM_ROWS)
 
 
-def _rows_kind(v3, bits: int):
-    """How the encoder packs: ``"words"`` (each row fills int32 words), True (rows of whole packing words, through
-    uint8 codes) or False (a flat view)."""
-    return "words" if _word_rows(v3, bits) else _rows(v3, bits)
+def _rows_kind(v3, bits: int) -> bool:
+    """How the encoder packs: True (rows of whole packing words, through uint8 codes) or False (a flat view)."""
+    return _rows(v3, bits)
 
 
 def _bytes(out):
-    """A forward graph's ``(codes, P)`` with the codes as flat bytes (int32 words by rows are viewed as them)."""
+    """A forward graph's ``(codes, P)`` with the codes as flat bytes."""
     return out if out is None or out[0].dtype == torch.uint8 else (out[0].view(torch.uint8).reshape(-1), out[1])
 
 

@@ -79,17 +79,12 @@ def _encode3(w, P, bits, relu6, rows):
     instead of the reference's arithmetic masks. Each branch is the reference's expression where it is taken (small
     integers in fp32: exact) and both stay inside ``[0, 2**bits - 1]``; a NaN ``w`` takes the negative branch, where
     ``fmin`` (which returns its non-NaN operand) makes it code 0 as the reference's ``nan_to_num`` does. So the codes
-    are identical (tested, edge values included). ``rows``: ``"words"`` (each row fills int32 words: returned as
-    them, ``(outer, C, words)``), True (``inner`` is a multiple of the codes per packing word, see :func:`_pack`)
-    or False."""
+    are identical (tested, edge values included). ``rows``: True (``inner`` is a multiple of the codes per packing
+    word, see :func:`_pack`) or False. (Or-ing int32 codes into int32 words by rows, as the decoders read them, was
+    2-4.8x slower on rows of 16 and 64 values and 1.1-1.2x on rows of 1,024 with torch 2.14: inductor stores the
+    codes and gathers each word's codes with scalar loads; docs/kernels.md.)"""
     L1 = float((1 << bits) - 1)
     v, q = _vq(w, P, bits, relu6)
-    if rows == "words":  # int32 words by rows, or-ed from int32 codes: no uint8 vector stores (see _unpack3)
-        qi = q.to(torch.int32).reshape(q.shape[0], q.shape[1], -1, 32 // bits)
-        o = qi[..., 0]
-        for k in range(1, 32 // bits):
-            o = o | (qi[..., k] << (bits * k))
-        return o
     if rows:
         return _pack(q.to(torch.uint8), bits)
     # packed through a flat view: without an elementwise op between q and that view, inductor recomputes the whole
