@@ -457,13 +457,14 @@ def test_compiled_graphs_are_kept_on_disk_for_the_next_process(graph_store, monk
 @pytest.mark.parametrize("shape", [(2, 8, 4, 8), (2, 8, 3, 4), (3, 8, 2, 2)], ids=["inner32", "inner12", "inner4"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_decode_from_words_and_from_bytes_match_eager(bits, shape):
-    """The graphs decode rows that fill whole int32 words from an int32 view (compiled.words3) and other rows
-    from the flat bytes: both give the reference's values and gradients, at every width (inner 32: words at every
-    width; 12: words at 8 bits only; 4: words at 8 bits only)."""
+    """The graphs decode 2-bit rows that fill whole int32 words from an int32 view (compiled.words3) and other
+    codes from the flat bytes: both give the reference's values and gradients, at every width (inner 32: words at
+    2 bits; 12 and 4: bytes at every width)."""
     y, gamma, beta, mean, invstd, g = _unit_inputs(bits, False, shape=shape)
     perm = memory_order(y)
     data, P = compiled.forward_xh(y, mean, invstd, gamma, beta, bits=bits, act="relu", window=3.5, pf=0.75, perm=perm)
-    assert compiled._word_rows(compiled.layout3(shape, perm, bits), bits) == (shape[2] * shape[3] % (32 // bits) == 0)
+    words = bits == 2 and shape[2] * shape[3] % 16 == 0
+    assert compiled._word_rows(compiled.layout3(shape, perm, bits), bits) == words
     a = compiled.decode_act(data, P, bits, shape, perm, "relu", torch.float32)
     assert torch.equal(a, ref.decode_act_ref(data, P, bits, shape, perm, "relu", torch.float32))
     grad = torch.randn(shape, generator=g)
