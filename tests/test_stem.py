@@ -198,3 +198,22 @@ def test_stem_on_the_triton_backend():
     for n, g in got["torch"].items():
         if n != "conv.bias":  # (zero but for rounding)
             assert _rel(got["triton"][n], g) < 1e-4, n
+
+
+def test_the_stem_backward_traces_under_torch_compile():
+    """torch.compile traces the stem's backward (AOT autograd) with tensors that have no values: the backward's
+    sign test on gamma must not ask for them (it raised GuardOnDataDependentSymNode). The compiled step gives the
+    eager approximate path's gradients."""
+    from tritonact.fidelity import rel_l2
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    eager, model = copy.deepcopy(base), copy.deepcopy(base)
+    with tritonact.approximate(eager, bits=4):
+        eager(x).square().mean().backward()
+    torch._dynamo.reset()
+    with tritonact.approximate(model, bits=4):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().mean().backward()
+    assert rel_l2(model.conv1.weight.grad, eager.conv1.weight.grad) <= 1e-5  # the stem's own weight
+    assert rel_l2(model.bn1.weight.grad, eager.bn1.weight.grad) <= 1e-5

@@ -172,7 +172,8 @@ def _backward(ctx, g, *_):
     be = backends.effective(ctx.backend)
     # the activation's test on the BN output gamma * xh + beta, as thresholds on xh: no float temporary
     lo, hi = _thresholds(gm, bt, ctx.act)
-    flips = lo is not None and bool((gm < 0).any())  # (one host sync a step)
+    # (one host sync a step; a trace's tensors (torch.compile's backward) have no values: the general test)
+    flips = lo is not None and (type(gm) is not torch.Tensor or bool((gm < 0).any()))
 
     def g_z(n0, n1):  # dL/d(BN output) of samples [n0, n1): the pool's gradient through the activation
         gz = run(g[n0:n1], local[n0:n1], [n1 - n0, *ctx.y_shape[1:]], *ctx.pool, ctx.channels_last, be)
