@@ -129,8 +129,8 @@ def forward_xh(y, mean, invstd, gamma, beta, *, bits, act, window, pf, perm, cen
     v3 = layout3(tuple(y.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, edge, *_cls(v3, y, gamma))
-    out = _bytes(_call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta))
+    key = (bits, act, window, pf, _rows(v3, bits), centroids, edge, *_cls(v3, y, gamma))
+    out = _call("forward_xh", key, view3(y, perm, v3), mean, invstd, gamma, beta)
     if out is not None and centroids:
         _measure(out[1], y, perm, bits, "xh", act, mean, invstd)
     return out
@@ -140,8 +140,8 @@ def forward_sum(s, gamma, beta, *, bits, act, window, pf, perm, centroids=False,
     v3 = layout3(tuple(s.shape), perm, bits)
     if v3 is None:
         return None
-    key = (bits, act, window, pf, _rows_kind(v3, bits), centroids, edge, *_cls(v3, s, gamma))
-    out = _bytes(_call("forward_sum", key, view3(s, perm, v3), gamma, beta))
+    key = (bits, act, window, pf, _rows(v3, bits), centroids, edge, *_cls(v3, s, gamma))
+    out = _call("forward_sum", key, view3(s, perm, v3), gamma, beta)
     if out is not None and centroids:
         _measure(out[1], s, perm, bits, "sum", act, gamma, gamma)
     return out
@@ -157,7 +157,7 @@ def encode(w, P, *, bits, act, perm, bounds=None):
     lo = hi = None
     if bounds is not None:
         lo, hi = (channel_strided(b) if by_channel(v3[2]) else b for b in bounds)  # (see channel_strided)
-    key = (bits, act == "relu6", _rows_kind(v3, bits), bounds is not None, *_cls(v3, w))
+    key = (bits, act == "relu6", _rows(v3, bits), bounds is not None, *_cls(v3, w))
     out = _call("encode", key, view3(w, perm, v3), graph_params(P[: ref.PARAM_ROWS], v3), lo, hi)
     if out is None:
         return None
@@ -168,7 +168,6 @@ def encode(w, P, *, bits, act, perm, bounds=None):
             S = centroids.sample_limit(tuple(w.shape), perm, bits)
             x = w[:S].clone().masked_fill_(unview3(outside, tuple(w.shape), perm)[:S] > 0, math.nan)
         _measure(P, x, perm, bits, "sum", act, P[0], P[0])
-    data = data if data.dtype == torch.uint8 else data.view(torch.uint8).reshape(-1)
     return data if outside is None else (data, outside.reshape(-1))  # (fp32 0/1: its nonzero() is the same)
 
 
@@ -225,16 +224,6 @@ def _measure_ref(P, x, perm, bits, act, coded, mean, invstd, acc, S):
     acc.zero_()
     ref.encode_ref(w, P, bits, act, acc, S)
     centroids.finish_(P, acc, ref.PARAM_ROWS)
-
-
-def _rows_kind(v3, bits: int) -> bool:
-    """How the encoder packs: True (rows of whole packing words, through uint8 codes) or False (a flat view)."""
-    return _rows(v3, bits)
-
-
-def _bytes(out):
-    """A forward graph's ``(codes, P)`` with the codes as flat bytes."""
-    return out if out is None or out[0].dtype == torch.uint8 else (out[0].view(torch.uint8).reshape(-1), out[1])
 
 
 def decode_act(data, P, bits, shape, perm, act, dtype):
