@@ -129,6 +129,29 @@ def test_compiled_table_and_decode_equal_the_reference(bits, act, cl):
     assert not torch.allclose(out[0], mid[0], rtol=1e-3, atol=1e-3)  # and the table changed the result
 
 
+@pytest.mark.skipif(not compiled.enabled(torch.device("cpu")), reason="compiled CPU path off")
+@pytest.mark.parametrize("rows", [127, 130])
+def test_compiled_sums_and_counts_stay_exact_at_the_packing_bound(rows):
+    """The compiled statistics count with the sums in one weighted bincount (``f + COUNT_UNIT``) while a channel has
+    at most ``PACKED_VALUES`` values, and apart beyond. Channel 0 is all clipped into the top bin at the largest
+    offset (f = 2**24): 127 x 128 values are the most the packed sums hold, and 130 x 128 would overflow them."""
+    assert 127 * 128 <= compiled.PACKED_VALUES < 130 * 128
+    torch.manual_seed(5)
+    w0 = torch.randn(1, 2, rows, 128)
+    P = _grid(w0, 4, "relu", window=3.0)
+    w = w0.clone()
+    w[0, 0] = 1e9
+    acc = centroids.new_acc(4, 2, w.device)
+    ref.encode_ref(w, P, 4, "relu", acc)
+    assert acc[0].max() == rows * 128 * 2.0**24  # every value of channel 0 in one bin, at the largest offset
+    want = centroids.finish_(P.clone(), acc, ref.PARAM_ROWS)
+    P_c = P.clone()
+    P_c[ref.PARAM_ROWS :] = 0.5
+    one = torch.ones(2)
+    compiled._measure(P_c, w, (0, 1, 2, 3), 4, "sum", "relu", one, one)
+    assert torch.equal(P_c, want)
+
+
 @pytest.mark.skipif(not interpreter_enabled(), reason="Triton on CPU needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("act", ["relu", "relu6", "none"])

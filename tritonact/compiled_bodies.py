@@ -183,6 +183,13 @@ def _select(qi, rows):
     return rows[0]
 
 
+# centroid statistics: a counted element's bincount weight is its offset f (an integer, |f| <= 2**24) plus this, so a
+# bin's total is sum(f) + COUNT_UNIT * count, exact in float64 and separable while the bin holds < 2**14 values
+# (|sum(f)| < 2**38 = COUNT_UNIT / 2, the total < 2**53)
+COUNT_UNIT = 2.0**39
+PACKED_VALUES = (1 << 14) - 1
+
+
 def _make_centroid_stats(bits, coded, act, *_cls):
     def centroid_stats(x3, P, mean, invstd):
         w = (x3.float() - _pv(mean)) * _pv(invstd) if coded == "xh" else x3.float()
@@ -194,7 +201,8 @@ def _make_centroid_stats(bits, coded, act, *_cls):
         L = 1 << bits
         bin_ = chan * L + q.to(torch.int32) if by_channel(x3.shape[2]) else q.to(torch.int32) * C + chan
         key = torch.where(keep > 0, bin_, L * C)  # excluded: one bin past the end
-        return key.reshape(-1), f.double().reshape(-1)
+        # each counted element weighs f + COUNT_UNIT, so that one weighted bincount sums and counts (compiled._measure)
+        return key.reshape(-1), (f.double() + keep.double() * COUNT_UNIT).reshape(-1)
 
     return centroid_stats
 
