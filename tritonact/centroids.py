@@ -85,11 +85,14 @@ def accumulate_(acc: torch.Tensor, f: torch.Tensor, keep: torch.Tensor, q: torch
     return acc
 
 
-def finish_(P: torch.Tensor, acc: torch.Tensor, param_rows: int) -> torch.Tensor:
-    """Write the offsets of ``acc`` into the table rows of ``P`` (``(param_rows + L, C)``); returns ``P``."""
+def finish_(P: torch.Tensor, acc, param_rows: int, channel_major: bool = False) -> torch.Tensor:
+    """Write the offsets of ``acc`` (sums and counts, ``acc[0]`` and ``acc[1]``, ``2**bits * C`` each, code-major, or
+    channel-major (index ``c * 2**bits + q``) with ``channel_major``) into the table rows of ``P``
+    (``(param_rows + L, C)``); returns ``P``."""
     L, C = P.shape[0] - param_rows, P.shape[1]
-    s, n = acc[0].view(L, C), acc[1].view(L, C)
-    P[param_rows:] = torch.where(n > 0, (s / n.clamp(min=1.0)) / SCALE, 0.5).float()
+    s, n = acc[0], acc[1]
+    off = torch.where(n > 0, (s / n.clamp(min=1.0)) / SCALE, 0.5).float()
+    P[param_rows:] = off.view(C, L).t() if channel_major else off.view(L, C)
     return P
 
 

@@ -207,10 +207,10 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):
     C, L = x.shape[1], 1 << bits
     S = centroids.sample_limit(tuple(x.shape), perm, bits) if samples is None else samples
     packed = S * math.prod(x.shape[2:]) <= PACKED_VALUES  # values per channel, over all chunks
-    acc = torch.zeros(1 if packed else 2, L * C + 1, dtype=torch.float64, device=x.device)  # + the excluded bin
     pos = perm.index(1)
     inner = math.prod(x.shape[d] for d in perm[pos + 1 :])
     GP = graph_params(P, (0, C, inner))  # (its layout depends on inner only)
+    tot = None  # per bin (+ one for the excluded values): packed totals, or (sums, counts)
     for n0, n1, _, _ in ref.sample_chunks(tuple(x.shape), perm, 8):
         if n0 >= S:
             break
@@ -221,17 +221,22 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):
             return _measure_ref(P, x, perm, bits, act, coded, mean, invstd, S)
         key, w = out
         if packed:
-            acc[0] += torch.bincount(key, weights=w, minlength=L * C + 1)
+            t = torch.bincount(key, weights=w, minlength=L * C + 1)
         else:  # sums of f + COUNT_UNIT may pass 2**53: f alone, and the counts
-            acc[0] += torch.bincount(key, weights=torch.where(key < L * C, w - COUNT_UNIT, w), minlength=L * C + 1)
-            acc[1] += torch.bincount(key, minlength=L * C + 1)
-    acc = acc[:, : L * C]
+            f = torch.where(key < L * C, w - COUNT_UNIT, w)
+            t = torch.stack(
+                (torch.bincount(key, weights=f, minlength=L * C + 1), torch.bincount(key, minlength=L * C + 1).double())
+            )
+        tot = t if tot is None else tot.add_(t)
+    if tot is None:  # no samples
+        tot = torch.zeros(L * C + 1 if packed else (2, L * C + 1), dtype=torch.float64, device=x.device)
     if packed:  # total = sum(f) + COUNT_UNIT * count, |sum(f)| < COUNT_UNIT / 2
-        n = torch.floor(acc[0] / COUNT_UNIT + 0.5)
-        acc = torch.stack((acc[0] - n * COUNT_UNIT, n))
-    if by_channel(inner):  # channel-major bins (compiled_bodies._make_centroid_stats)
-        acc = acc.view(2, C, L).transpose(1, 2).reshape(2, L * C)
-    centroids.finish_(P, acc, ref.PARAM_ROWS)
+        t = tot[: L * C]
+        n = torch.floor(t / COUNT_UNIT + 0.5)
+        acc = (t - n * COUNT_UNIT, n)
+    else:
+        acc = tot[:, : L * C]
+    centroids.finish_(P, acc, ref.PARAM_ROWS, channel_major=by_channel(inner))  # (compiled_bodies' bin order)
 
 
 def _measure_ref(P, x, perm, bits, act, coded, mean, invstd, S):
