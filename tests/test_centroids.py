@@ -152,6 +152,24 @@ def test_compiled_sums_and_counts_stay_exact_at_the_packing_bound(rows):
     assert torch.equal(P_c, want)
 
 
+@pytest.mark.skipif(not compiled.enabled(torch.device("cpu")), reason="compiled CPU path off")
+def test_compiled_statistics_add_up_over_sample_chunks():
+    """Statistics over more samples than one graph call takes (``reference.sample_chunks``: 2 + 1 samples here)
+    add up to the reference's table."""
+    torch.manual_seed(6)
+    w = torch.randn(3, 512, 32, 32) * 2
+    assert len(list(ref.sample_chunks(tuple(w.shape), (0, 1, 2, 3), 8))) == 2
+    P = _grid(w, 4, "relu", window=3.0)
+    acc = centroids.new_acc(4, 512, w.device)
+    ref.encode_ref(w, P, 4, "relu", acc, 3)
+    want = centroids.finish_(P.clone(), acc, ref.PARAM_ROWS)
+    P_c = P.clone()
+    P_c[ref.PARAM_ROWS :] = 0.5
+    one = torch.ones(512)
+    compiled._measure(P_c, w, (0, 1, 2, 3), 4, "sum", "relu", one, one, samples=3)
+    assert torch.equal(P_c, want)
+
+
 @pytest.mark.skipif(not interpreter_enabled(), reason="Triton on CPU needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("act", ["relu", "relu6", "none"])
