@@ -38,12 +38,14 @@ SCALE = 4096.0  # 1/4096 of a bin: a decoded value is within 1/8192 of a bin of 
 LIMIT = 4096.0  # |offset| bound in bins: LIMIT * SCALE = 2**24, so f is an exact fp32 integer, its sums exact in
 # float64 (below 2**53 for up to 2**29 values per bin); a value further out counts as LIMIT bins from its bin
 # Values per channel the statistics see at least (in whole samples), by code width, when the batch has more. On
-# the compiled CPU path they cost ~145 ms of a resnet50 16 x 128x128 forward at 4 bits with 1,024 (one thread);
-# 256 cost about half. Conv gradient median / max, resnet50, 4 bits: at 8 x 64x64 (seeds 0-2) 0.1068 /
-# 0.1595 with every value, 0.1068 / 0.1645 with 1,024, 0.1068 / 0.1659 with 256; at 8 x 128x128 (seed 0) 0.1093 /
-# 0.1528 with every value, 0.1102 / 0.1561 with 1,024, 0.1138 / 0.1563 with 256 (midpoints 0.1141: the deep
-# layers' tables need many samples). resnet18, 2 bits, seed 0: 0.351 with 1,024, 0.354 with 256 (midpoints
-# 0.369); 8 bits 0.0044 with 1,024, 0.0066 with 256 (one value per code; midpoints 0.0067).
+# the compiled CPU path they cost ~90 ms of a resnet50 16 x 128x128 step at 4 bits with 1,024 (one thread; 21 M
+# values, ~2.5-3 ns each: the graph, then one bincount). Conv gradient median / max, resnet50, 4 bits: at 8 x 64x64
+# (seeds 0-2) 0.1068 / 0.1595 with every value, 0.1068 / 0.1645 with 1,024, 0.1068 / 0.1659 with 256; at 8 x
+# 128x128 (seed 0) 0.1093 / 0.1528 with every value, 0.1102 / 0.1561 with 1,024, 0.1138 / 0.1563 with 256
+# (midpoints 0.1141: the deep layers' tables need many samples); with two codes at the deepest joins, 16 x 128x128
+# (seed 0, medians): 0.0986 with 1,024, 0.0999 with 512, 0.1015 with 256, midpoints 0.1120. resnet18, 2 bits, seed
+# 0: 0.351 with 1,024, 0.354 with 256 (midpoints 0.369); 8 bits 0.0044 with 1,024, 0.0066 with 256 (one value per
+# code; midpoints 0.0067).
 VALUES = {2: 1 << 10, 4: 1 << 10, 8: 1 << 12}
 
 
