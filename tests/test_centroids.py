@@ -152,6 +152,16 @@ def test_compiled_sums_and_counts_stay_exact_at_the_packing_bound(rows):
     assert torch.equal(P_c, want)
 
 
+def test_compiled_statistics_of_no_samples_leave_midpoints():
+    """An empty batch: no graph runs, and every code decodes to its bin's midpoint (offset 0.5)."""
+    w = torch.randn(0, 8, 4, 4)
+    P = _grid(torch.randn(2, 8, 4, 4), 4, "relu")
+    P[ref.PARAM_ROWS :] = 0.25
+    one = torch.ones(8)
+    compiled._measure(P, w, (0, 1, 2, 3), 4, "sum", "relu", one, one)
+    assert torch.equal(P[ref.PARAM_ROWS :], torch.full_like(P[ref.PARAM_ROWS :], 0.5))
+
+
 @pytest.mark.skipif(not compiled.enabled(torch.device("cpu")), reason="compiled CPU path off")
 def test_compiled_statistics_add_up_over_sample_chunks():
     """Statistics over more samples than one graph call takes (``reference.sample_chunks``: 2 + 1 samples here)

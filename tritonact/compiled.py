@@ -222,11 +222,9 @@ def _measure(P, x, perm, bits, coded, act, mean, invstd, samples=None):
         key, w = out
         if packed:
             t = torch.bincount(key, weights=w, minlength=L * C + 1)
-        else:  # sums of f + COUNT_UNIT may pass 2**53: f alone, and the counts
-            f = torch.where(key < L * C, w - COUNT_UNIT, w)
-            t = torch.stack(
-                (torch.bincount(key, weights=f, minlength=L * C + 1), torch.bincount(key, minlength=L * C + 1).double())
-            )
+        else:  # sums of f + COUNT_UNIT may pass 2**53: f alone (the excluded bin's sum is dropped), and the counts
+            f = torch.bincount(key, weights=w - COUNT_UNIT, minlength=L * C + 1)
+            t = torch.stack((f, torch.bincount(key, minlength=L * C + 1).double()))
         tot = t if tot is None else tot.add_(t)
     if tot is None:  # no samples
         tot = torch.zeros(L * C + 1 if packed else (2, L * C + 1), dtype=torch.float64, device=x.device)
